@@ -1,0 +1,104 @@
+"""Finding the user's own line.
+
+Every report and warning points at the first frame that is not modeguard, torch or one of
+the wrappers between them. Whether a code object is "internal" is cached per code object,
+so the walk is a few dict lookups even on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import wrapt
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
+_STDLIB_WRAPPERS = tuple(
+    os.path.join(sysconfig.get_paths()["stdlib"], name) for name in ("contextlib.py", "functools.py")
+)
+_INTERNAL_PREFIXES = (_PKG_DIR, _TORCH_DIR, _WRAPT_DIR)
+# The bundled demo is "user code" for the purpose of pointing at lines.
+_USER_FILES_IN_PKG = (os.path.join(_PKG_DIR, "demo.py"),)
+
+_internal_cache: dict = {}
+
+
+def _is_internal(code) -> bool:
+    hit = _internal_cache.get(code)
+    if hit is None:
+        fn = code.co_filename
+        path = os.path.abspath(fn) if not fn.startswith("<") else fn
+        hit = (path.startswith(_INTERNAL_PREFIXES) and path not in _USER_FILES_IN_PKG) or path in _STDLIB_WRAPPERS
+        # Entry points run user scripts through runpy; the script's own frames are user
+        # code, but runpy's (and other frozen bootstrap code) are not.
+        if not hit and (path.endswith(os.sep + "runpy.py") or path.startswith("<frozen")):
+            hit = True
+        _internal_cache[code] = hit
+    return hit
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in the user's code."""
+
+    file: str
+    line: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} in {self.function}()"
+
+    def short(self) -> str:
+        return f"{os.path.basename(self.file)}:{self.line}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "function": self.function}
+
+
+def user_frame(depth: int = 1):
+    """The nearest frame outside modeguard/torch, or None. Never store the frame itself:
+    it keeps every local of the user's function (activations) alive."""
+    try:
+        f = sys._getframe(depth + 1)
+    except ValueError:
+        return None
+    while f is not None and _is_internal(f.f_code):
+        f = f.f_back
+    return f
+
+
+def user_code_line(depth: int = 1):
+    """Cheap hot-path capture: (code object, line) of the user's frame; no frame kept."""
+    f = user_frame(depth + 1)
+    if f is None:
+        return None
+    return (f.f_code, f.f_lineno)
+
+
+def to_location(code_line) -> Optional[Location]:
+    if code_line is None:
+        return None
+    code, line = code_line
+    return Location(code.co_filename, line, code.co_name)
+
+
+def user_location(depth: int = 1) -> Optional[Location]:
+    return to_location(user_code_line(depth + 1))
+
+
+def stack_has_function(names: set, filename_part: str = "") -> bool:
+    """Slow path: is any frame on the stack one of ``names`` (optionally in a file whose
+    path contains ``filename_part``)? Used to recognise library helpers like update_bn."""
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_name in names and filename_part in code.co_filename:
+            return True
+        f = f.f_back
+    return False

@@ -1,0 +1,484 @@
+"""The Guard: installs the hooks on watched models and optimizers, and turns what the
+hooks observe into rule events.
+
+Hot path (every forward and step): compare two epoch counters, read the cached
+ModeSnapshot, call the few rules that subscribe to the event; each decides in O(1)
+whether to look closer. Slow path (a mode changed, a rule fired): walk the model, build
+the message, find the user's line. The automatic mode of ``modeguard run`` is this same
+Guard with roots and optimizers added as they are discovered.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ._config import Config, OnViolation, Severity, env_on_violation, parse_rule_overrides
+from ._exceptions import ModeGuardWarning
+from ._frames import Location, to_location, user_code_line, user_location
+from .markers import ALLOWED
+from .observe import modes, sensitivity
+from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, attach, output_grad_fns
+from .observe.modes import HOOK_MARK, MODE_EPOCH, STRUCTURE_EPOCH, PATCHES
+from .observe.snapshot import ModeSnapshot
+from .report import ModeMap, Report, Violation
+from .rules import RULES
+from .rules._base import overrides
+
+_GUARDS: "weakref.WeakKeyDictionary[nn.Module, Guard]" = weakref.WeakKeyDictionary()
+
+
+def guard_of(module: nn.Module) -> Optional["Guard"]:
+    """The active guard watching ``module`` as a root, if any."""
+    g = _GUARDS.get(module)
+    return g if g is not None and g.active else None
+
+
+def _mark(fn):
+    setattr(fn, HOOK_MARK, True)
+    return fn
+
+
+def drain_released() -> None:
+    """Hand graphs that were freed unused to their rules (called from hooks, never from
+    the finaliser itself, so warnings and exceptions happen at a normal point)."""
+    while RELEASED:
+        rec = RELEASED.popleft()
+        st = rec.root
+        if st.active:
+            for rule in st.guard._release_rules:
+                rule.on_release(st.guard, rec)
+
+
+class RootState:
+    """Everything a guard tracks about one watched model. Holds the model weakly."""
+
+    __slots__ = (
+        "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
+        "backward_count", "last_backprop", "prev_forward_activity",
+        "nograd_streak", "nograd_mark", "unused_streak", "unused_mark", "steps_since_refresh",
+        "handles", "probe_handles", "probes_pending", "active", "__weakref__",
+    )
+
+    def __init__(self, guard: "Guard", module: nn.Module, name: str):
+        self.guard = guard
+        self.ref = weakref.ref(module)
+        self.name = name
+        self.epoch = self.struct_epoch = -1
+        self.snapshot: Optional[ModeSnapshot] = None
+        self.param_ids = frozenset()
+        self.backward_count = 0
+        self.last_backprop: Optional[ForwardRecord] = None
+        self.prev_forward_activity = -1
+        self.nograd_streak = self.unused_streak = self.steps_since_refresh = 0
+        self.nograd_mark = self.unused_mark = -1
+        self.handles: list = []
+        self.probe_handles: list = []
+        self.probes_pending = False
+        self.active = True
+        self.rescan(module)
+
+    def rescan(self, module: nn.Module) -> None:
+        """Slow path: a mode or the structure changed somewhere."""
+        for h in self.probe_handles:
+            h.remove()
+        self.probe_handles = []
+        if self.struct_epoch != STRUCTURE_EPOCH[0] or not self.param_ids:
+            self.param_ids = frozenset(id(p) for p in module.parameters())
+        self.epoch, self.struct_epoch = MODE_EPOCH[0], STRUCTURE_EPOCH[0]
+        self.snapshot = ModeSnapshot(module, self.guard.frozen_patterns)
+        self.probes_pending = bool(self.snapshot.needs_probe())
+
+    def install_probes(self) -> None:
+        """One-shot pre-hooks on parameter-free sensitive modules in eval, to learn in the
+        next grad-enabled forward whether their input requires grad (frozen extractor)."""
+        self.probes_pending = False
+        snap = self.snapshot
+        for i, entry in snap.needs_probe():
+            m = entry.ref()
+            if m is None:
+                continue
+            cell: list = []
+
+            def probe(mod, args, _i=i, _cell=cell, _snap=snap):
+                if torch.is_grad_enabled():
+                    _snap.probe[_i] = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                    if _cell:
+                        _cell[0].remove()
+
+            h = m.register_forward_pre_hook(_mark(probe))
+            cell.append(h)
+            self.probe_handles.append(h)
+
+    def on_backward(self, record: ForwardRecord) -> None:
+        self.backward_count += 1
+        self.last_backprop = record
+        ACTIVITY[0] += 1
+
+    def root_site(self):
+        m = self.ref()
+        return modes.last_set(m) if m is not None else None
+
+    def __repr__(self) -> str:
+        return f"<RootState {self.name}>"
+
+
+class OptimizerState:
+    __slots__ = ("ref", "handles", "seen_backward", "_roots", "_key", "__weakref__")
+
+    def __init__(self, optimizer):
+        self.ref = weakref.ref(optimizer)
+        self.handles: list = []
+        self.seen_backward: "weakref.WeakKeyDictionary[RootState, int]" = weakref.WeakKeyDictionary()
+        self._roots: list = []
+        self._key = None
+
+    def roots(self, guard: "Guard") -> list:
+        """The watched models this optimizer updates; recomputed only when its param
+        groups, the model structure or the set of roots changed."""
+        opt = self.ref()
+        key = (len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups), STRUCTURE_EPOCH[0], guard._roots_version)
+        if key != self._key:
+            ids = {id(p) for g in opt.param_groups for p in g["params"]}
+            self._roots = [st for st in guard._roots.values() if st.active and not ids.isdisjoint(st.param_ids)]
+            self._key = key
+            for st in self._roots:
+                self.seen_backward.setdefault(st, st.backward_count)
+        return self._roots
+
+
+class Guard:
+    """Watches models and optimizers for train/eval mode mistakes.
+
+    Made by :func:`modeguard.watch`. Use it as a context manager, or call
+    :meth:`unwatch` to remove every hook and patch it installed.
+    """
+
+    def __init__(self, on_violation="warn", rules=None, frozen=None):
+        env = env_on_violation()
+        action = env if env is not None else OnViolation.parse(on_violation)
+        self.config = Config(on_violation=action, severities=parse_rule_overrides(rules))
+        self.frozen_patterns: tuple = ()
+        frozen_modules = []
+        for item in frozen or ():
+            if isinstance(item, str):
+                self.frozen_patterns += (item,)
+            elif isinstance(item, nn.Module):
+                frozen_modules.append(item)
+            else:
+                raise TypeError(f"frozen= expects nn.Module objects or name patterns like 'backbone.*', got {type(item).__name__}")
+        self._roots: dict = {}      # id(module) -> RootState
+        self._roots_version = 0
+        self._opts: dict = {}       # id(optimizer) -> OptimizerState
+        self._violations: List[Violation] = []
+        self._by_key: dict = {}
+        self.steps = 0
+        self.active = self.config.on_violation is not OnViolation.OFF
+        enabled = [r for code, r in RULES.items() if self.config.severities.get(code, r.severity) is not Severity.OFF]
+        self._forward_rules = [r for r in enabled if overrides(r, "on_forward")]
+        self._release_rules = [r for r in enabled if overrides(r, "on_release")]
+        self._step_rules = [r for r in enabled if overrides(r, "on_step")]
+        if self.active:
+            PATCHES.acquire()
+            if frozen_modules:
+                sensitivity.mark_frozen(frozen_modules)
+        self._frozen_modules = weakref.WeakSet(frozen_modules)
+
+    # ---- watching ------------------------------------------------------------------
+
+    def watch_model(self, model: nn.Module, name: Optional[str] = None) -> "Guard":
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"modeguard.watch() expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+        if not self.active or id(model) in self._roots:
+            return self
+        other = guard_of(model)
+        if other is not None and other is not self:
+            raise ValueError(f"{type(model).__name__} is already watched by another guard; use that guard, or unwatch() it first")
+        if name is None:
+            name = type(model).__name__
+            taken = {st.name for st in self._roots.values()}
+            k = 2
+            while name in taken:
+                name, k = f"{type(model).__name__}#{k}", k + 1
+        st = RootState(self, model, name)
+        st.handles = [
+            model.register_forward_pre_hook(_mark(self._make_pre_hook(st)), prepend=True),
+            model.register_forward_hook(_mark(self._make_post_hook(st))),
+        ]
+        self._roots[id(model)] = st
+        self._roots_version += 1
+        _GUARDS[model] = self
+        weakref.finalize(model, self._forget_root, id(model))
+        return self
+
+    def watch_optimizer(self, optimizer, _check_params: bool = True, _hooks: bool = True) -> "Guard":
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"modeguard expects a torch.optim.Optimizer, got {type(optimizer).__module__}.{type(optimizer).__name__}"
+            )
+        if not self.active or id(optimizer) in self._opts:
+            return self
+        ost = OptimizerState(optimizer)
+        if _hooks:
+            ost.handles = [
+                optimizer.register_step_pre_hook(self._make_step_pre_hook(ost)),
+                optimizer.register_step_post_hook(self._make_step_post_hook(ost)),
+            ]
+        self._opts[id(optimizer)] = ost
+        weakref.finalize(optimizer, self._opts.pop, id(optimizer), None)
+        if _check_params and self._roots and not ost.roots(self):
+            warnings.warn(
+                f"modeguard: the {type(optimizer).__name__} passed to watch() holds none of the watched "
+                f"model's parameters, so its steps cannot be checked against that model's modes. "
+                f"Pass the optimizer that trains this model.",
+                ModeGuardWarning, stacklevel=_stacklevel(),
+            )
+        return self
+
+    def optimizer_state(self, optimizer) -> Optional[OptimizerState]:
+        return self._opts.get(id(optimizer))
+
+    def _forget_root(self, key) -> None:
+        st = self._roots.pop(key, None)
+        if st is not None:
+            st.active = False
+            self._roots_version += 1
+
+    # ---- hooks (hot path) ---------------------------------------------------------------
+
+    def _make_pre_hook(self, st: RootState):
+        forward_rules = self._forward_rules
+        guard = self
+
+        def modeguard_forward_pre_hook(module, args):
+            if RELEASED:
+                drain_released()
+            if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
+                st.rescan(module)
+            grad = torch.is_grad_enabled()
+            if st.probes_pending and grad:
+                st.install_probes()
+            snap = st.snapshot
+            for rule in forward_rules:
+                rule.on_forward(guard, st, snap, grad)
+
+        return modeguard_forward_pre_hook
+
+    def _make_post_hook(self, st: RootState):
+        def modeguard_forward_hook(module, args, output):
+            act = ACTIVITY[0]
+            if torch.is_grad_enabled():
+                nodes = output_grad_fns(output)
+                if nodes:
+                    snap = st.snapshot
+                    # The user's line is needed only if this forward may turn out to be
+                    # evaluation: eval mode, or no backward/step since the previous one.
+                    where = user_code_line(1) if (not snap.root_training or act == st.prev_forward_activity) else None
+                    attach(ForwardRecord(st, snap, where, ALLOWED.get()), nodes, st.on_backward)
+            st.prev_forward_activity = act
+
+        return modeguard_forward_hook
+
+    def _make_step_pre_hook(self, ost: OptimizerState):
+        def modeguard_step_pre_hook(optimizer, args, kwargs):
+            self.before_step(ost, args, kwargs)
+
+        return modeguard_step_pre_hook
+
+    def _make_step_post_hook(self, ost: OptimizerState):
+        def modeguard_step_post_hook(optimizer, args, kwargs):
+            self.after_step(ost)
+
+        return modeguard_step_post_hook
+
+    def before_step(self, ost: OptimizerState, args, kwargs) -> None:
+        if RELEASED:
+            drain_released()
+        roots = ost.roots(self)
+        has_closure = (bool(args) and args[0] is not None) or kwargs.get("closure") is not None
+        for rule in self._step_rules:
+            rule.on_step(self, ost, roots, has_closure)
+
+    def after_step(self, ost: OptimizerState) -> None:
+        for st in ost.roots(self):
+            ost.seen_backward[st] = st.backward_count
+        self.steps += 1
+        ACTIVITY[0] += 1
+
+    # ---- reporting (slow path) ----------------------------------------------------------
+
+    def emit(self, rule, severity, root, where, modules, mode_site, headline, allowed) -> None:
+        """Called by a rule that decided something is wrong."""
+        current = ALLOWED.get()
+        if (allowed and rule.code in allowed) or (current and rule.code in current):
+            return
+        sev = self.config.severities.get(rule.code) or severity or rule.severity
+        if sev is Severity.OFF:
+            return
+        if isinstance(where, tuple):
+            location = to_location(where)
+        elif isinstance(where, Location):
+            location = where
+        else:
+            location = user_location(2)
+        key = (rule.code, location.file if location else None, location.line if location else None)
+        found = self._by_key.get(key)
+        if found is not None:
+            found.count += 1
+            return
+        model = root.name + _rank_suffix()
+        v = Violation.build(rule, sev, model, modules, location, mode_site, headline, self.steps)
+        self._by_key[key] = v
+        self._violations.append(v)
+        self._act(rule, v)
+
+    def _act(self, rule, v: Violation) -> None:
+        action = self.config.on_violation
+        if action is OnViolation.RECORD:
+            return
+        if action is OnViolation.RAISE and v.severity >= Severity.WARNING:
+            raise rule.Error(v.message, v)
+        category = rule.Info if v.severity is Severity.INFO else rule.Warning
+        w = category(v.message)
+        w.violation = v
+        if v.location is not None:
+            # Our own dedupe already decided this is new; the module name lets users
+            # filter by their module as with any warning.
+            module = os.path.splitext(os.path.basename(v.location.file))[0]
+            warnings.warn_explicit(w, category, v.location.file, v.location.line, module=module)
+        else:
+            warnings.warn(w, stacklevel=_stacklevel())
+
+    @property
+    def violations(self) -> List[Violation]:
+        if RELEASED:
+            drain_released()
+        return list(self._violations)
+
+    def report(self) -> Report:
+        return Report(self.violations)
+
+    def clear(self) -> None:
+        """Forget the violations found so far (e.g. between notebook cells)."""
+        self._violations.clear()
+        self._by_key.clear()
+
+    def mode_map(self, model: Optional[nn.Module] = None) -> ModeMap:
+        if model is None:
+            roots = [st.ref() for st in self._roots.values() if st.ref() is not None]
+            if not roots:
+                raise ValueError("this guard watches no live model; pass one: guard.mode_map(model)")
+            model = roots[0]
+        return build_mode_map(model, self.frozen_patterns)
+
+    @property
+    def models(self) -> list:
+        return [m for m in (st.ref() for st in self._roots.values()) if m is not None]
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def unwatch(self) -> None:
+        """Remove every hook and patch this guard installed. Idempotent."""
+        if not self.active:
+            return
+        self.active = False
+        if RELEASED:
+            drain_released()
+        for st in self._roots.values():
+            st.active = False
+            for h in st.handles + st.probe_handles:
+                h.remove()
+            st.handles, st.probe_handles, st.last_backprop, st.snapshot = [], [], None, None
+            m = st.ref()
+            if m is not None and _GUARDS.get(m) is self:
+                del _GUARDS[m]
+        self._roots.clear()
+        self._roots_version += 1
+        for ost in self._opts.values():
+            for h in ost.handles:
+                h.remove()
+        self._opts.clear()
+        if self._frozen_modules:
+            sensitivity.unmark_frozen(list(self._frozen_modules))
+        PATCHES.release()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.unwatch()
+        return False
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "inactive"
+        names = ", ".join(st.name for st in self._roots.values())
+        return f"<modeguard.Guard {state}: models=[{names}], optimizers={len(self._opts)}, violations={len(self._violations)}, {self.config!r}>"
+
+
+def _stacklevel() -> int:
+    """warnings.warn stacklevel that lands on the first frame outside modeguard/torch."""
+    import sys
+    from ._frames import _is_internal
+
+    f = sys._getframe(1)
+    level = 1
+    while f is not None and _is_internal(f.f_code):
+        f = f.f_back
+        level += 1
+    return level - 1 if level > 1 else 1
+
+
+def _rank_suffix() -> str:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return f" (rank {dist.get_rank()})"
+    except Exception:  # pragma: no cover - distributed misconfigured: report without rank
+        pass
+    return ""
+
+
+def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> ModeMap:
+    snap = {e.name: e for e in ModeSnapshot(model, frozen_patterns).entries}
+    rows = []
+    for name, m in model.named_modules():
+        e = snap.get(name or "(root)")
+        site = modes.last_set(m)
+        own = sensitivity.params_frozen(m, recurse=False)
+        rows.append({
+            "name": name,
+            "type": type(m).__name__,
+            "training": m.training,
+            "sensitive": e.kind if e else None,
+            "frozen": bool((e and e.marked) or own is True),
+            "mode_set_at": site.describe() if site else None,
+        })
+    return ModeMap(type(model).__name__, rows)
+
+
+def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "warn", rules=None, frozen=None) -> Guard:
+    """Watch ``model`` (and optimizers) for train/eval mode mistakes.
+
+    ``guard = modeguard.watch(model, optimizer)``. Watching an already watched model
+    returns its guard (adding any new optimizers). See the README for the options.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"modeguard.watch() expects a torch.nn.Module as its first argument, got {type(model).__module__}.{type(model).__name__}"
+        )
+    opts = [o for o in (optimizer, *optimizers) if o is not None]
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"modeguard.watch() expects torch.optim.Optimizer objects after the model, got {type(o).__module__}.{type(o).__name__}")
+    existing = guard_of(model)
+    guard = existing if existing is not None else Guard(on_violation=on_violation, rules=rules, frozen=frozen)
+    guard.watch_model(model)
+    for o in opts:
+        guard.watch_optimizer(o)
+    return guard

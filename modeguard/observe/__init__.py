@@ -1,0 +1,2 @@
+"""Observation: how modeguard sees modes being set, modules being sensitive, and graphs
+being backpropagated. Nothing in here decides whether something is a bug (see rules/)."""

@@ -1,0 +1,89 @@
+"""Tying a backward to the forward that built its graph.
+
+After a grad-enabled forward of a watched model, the distinct ``grad_fn`` nodes of its
+outputs get a backward pre-hook (PyTorch's ``Node.register_prehook``) that marks the
+forward's record as used, and a small sentinel in ``node.metadata``. When the graph is
+freed the sentinel dies; if nothing backpropagated through it, the record goes on a queue
+that the next hook call drains. Nodes are not weak-referenceable, and holding tensors
+would keep activations alive, so this is how a graph's fate is learnt without owning it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+
+#: Bumped by every backward into a watched model and every watched optimizer step.
+ACTIVITY = [0]
+#: Records whose graph was freed without a backward, waiting for a safe moment.
+RELEASED: deque = deque()
+
+_MAX_NODES = 16
+_META_KEY = "modeguard"
+
+
+class ForwardRecord:
+    """What modeguard keeps about one grad-enabled forward of a watched model."""
+
+    __slots__ = ("root", "snapshot", "where", "allowed", "used", "__weakref__")
+
+    def __init__(self, root, snapshot, where, allowed):
+        self.root = root          # RootState (holds the model only weakly)
+        self.snapshot = snapshot  # ModeSnapshot the forward ran under
+        self.where = where        # (code, line) of the user's call, or None
+        self.allowed = allowed    # rule codes silenced by allow() around the forward
+        self.used = False
+
+
+class _GraphSentinel:
+    __slots__ = ("record",)
+
+    def __init__(self, record):
+        self.record = record
+
+    def __del__(self):
+        # Runs wherever the graph happens to be freed: only enqueue.
+        rec = self.record
+        if not rec.used:
+            RELEASED.append(rec)
+
+
+def _grad_fns(obj, out: list, depth: int = 0) -> None:
+    if len(out) >= _MAX_NODES or depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        fn = obj.grad_fn
+        if fn is not None and fn not in out:
+            out.append(fn)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _grad_fns(item, out, depth + 1)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            _grad_fns(item, out, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _grad_fns(getattr(obj, f.name, None), out, depth + 1)
+
+
+def output_grad_fns(output) -> list:
+    out: list = []
+    _grad_fns(output, out)
+    return out
+
+
+def attach(record: ForwardRecord, nodes: list, on_backward) -> None:
+    """Watch the graph rooted at ``nodes`` on behalf of ``record``."""
+    sentinel = _GraphSentinel(record)
+
+    def prehook(grad_outputs):
+        if not record.used:
+            record.used = True
+            on_backward(record)
+
+    for node in nodes:
+        node.metadata[_META_KEY] = sentinel
+        node.register_prehook(prehook)

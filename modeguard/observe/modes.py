@@ -1,0 +1,230 @@
+"""Where and when modes change.
+
+The hot path must know in O(1) whether any module's mode changed since it last looked.
+Every mode change goes through ``nn.Module.__setattr__("training", ...)`` (``train()``,
+``eval()`` and direct assignment alike), so a restorable patch there bumps ``MODE_EPOCH``
+and records the user's line. A second patch on ``nn.Module.train`` remembers the outermost
+call, so one ``model.eval()`` over a thousand modules costs one stack walk, and recognises
+a model's own ``train()`` override that puts children back in eval (mmdetection's
+``norm_eval``): those are intentional. A third patch on ``nn.Module.__getstate__`` keeps
+modeguard's hooks out of pickles and deep copies. Torch has no hook for any of these;
+module and parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH``.
+All of it is installed while at least one guard is active and removed with the last one.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn as nn
+import wrapt
+
+from .._frames import Location, user_location, _is_internal
+
+#: Bumped on every change of any module's ``training`` flag (and on frozen() marks).
+MODE_EPOCH = [0]
+#: Bumped when a submodule or parameter is registered anywhere.
+STRUCTURE_EPOCH = [0]
+
+#: Attribute set on every hook function modeguard registers, so pickling can strip them.
+HOOK_MARK = "_modeguard_hook"
+
+
+@dataclass(frozen=True)
+class ModeSite:
+    """Where a module's mode was last set, and how."""
+
+    training: bool
+    how: str  # "Net.train()", "Net.eval()", "assignment" or "override"
+    location: Optional[Location]
+    by: Optional[str] = None  # the class whose train() override set it, for "override"
+
+    def describe(self) -> str:
+        where = str(self.location) if self.location else "an unknown place"
+        if self.how == "override":
+            return f"set to eval by {self.by}.train() (an override), called from {where}"
+        if self.how == "assignment":
+            return f"`.training = {self.training}` assigned directly at {where}"
+        return f"{self.how} at {where}"
+
+    def to_dict(self) -> dict:
+        return {
+            "training": self.training,
+            "how": self.how,
+            "by": self.by,
+            "location": self.location.to_dict() if self.location else None,
+        }
+
+
+_sites: "weakref.WeakKeyDictionary[nn.Module, ModeSite]" = weakref.WeakKeyDictionary()
+_local = threading.local()
+
+
+def last_set(module: nn.Module) -> Optional[ModeSite]:
+    """Where ``module``'s mode was last changed while modeguard was active."""
+    return _sites.get(module)
+
+
+def bump_mode_epoch() -> None:
+    MODE_EPOCH[0] += 1
+
+
+def _train_stack() -> list:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _train_wrapper(wrapped, instance, args, kwargs):
+    # Called as module.train(mode) (instance bound) or nn.Module.train(module, mode).
+    if instance is None and args:
+        instance, args = args[0], args[1:]
+    mode = args[0] if args else kwargs.get("mode", True)
+    stack = _train_stack()
+    stack.append((instance, bool(mode)))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        stack.pop()
+        if not stack:
+            _local.site = None
+
+
+def _override_class() -> str:
+    """Slow path: the class whose own train() is running above us."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name == "train" and not _is_internal(f.f_code):
+            owner = f.f_locals.get("self")
+            return type(owner).__name__ if owner is not None else "train"
+        f = f.f_back
+    return "train"
+
+
+def _note_training(module: nn.Module, value) -> None:
+    """Slow path, run only when a module's flag really changes."""
+    MODE_EPOCH[0] += 1
+    value = bool(value)
+    stack = getattr(_local, "stack", None)
+    if stack:
+        if any(mode != value for _, mode in stack):
+            # An outer train(mode) asked for the opposite: a train() override
+            # (norm_eval, "keep the backbone in eval") is at work on purpose.
+            site = getattr(_local, "site", None)
+            loc = site.location if site is not None else user_location(3)
+            _sites[module] = ModeSite(value, "override", loc, _override_class())
+            return
+        site = getattr(_local, "site", None)
+        if site is None or site.training != value:
+            how = f"{type(stack[0][0]).__name__}.{'train' if value else 'eval'}()"
+            site = _local.site = ModeSite(value, how, user_location(3))
+        _sites[module] = site
+    else:
+        _sites[module] = ModeSite(value, "assignment", user_location(3))
+
+
+def _setattr_wrapper(wrapped, instance, args, kwargs):
+    if args and args[0] == "training" and instance is not None:
+        old = instance.__dict__.get("training")
+        # `old is None` is construction (Module.__init__): not a mode change.
+        if old is not None and old != args[1]:
+            _note_training(instance, args[1])
+    return wrapped(*args, **kwargs)
+
+
+def strip_hooks(state: dict) -> dict:
+    """A copy of a module's state without modeguard's hooks (for pickling/deepcopy)."""
+    removed = []
+    out = None
+    for key in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = state.get(key)
+        if not hooks:
+            continue
+        ours = [hid for hid, fn in hooks.items() if getattr(fn, HOOK_MARK, False)]
+        if ours:
+            if out is None:
+                out = dict(state)
+            kept = type(hooks)((hid, fn) for hid, fn in hooks.items() if hid not in ours)
+            out[key] = kept
+            removed.extend(ours)
+    if out is None:
+        return state
+    for key in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        extra = out.get(key)
+        if extra:
+            out[key] = type(extra)((k, v) for k, v in extra.items() if k not in removed)
+    return out
+
+
+def _getstate_wrapper(wrapped, instance, args, kwargs):
+    return strip_hooks(wrapped(*args, **kwargs))
+
+
+def _on_structure_change(*_args):
+    STRUCTURE_EPOCH[0] += 1
+
+
+class _Patches:
+    """Reference-counted install of the global patches and hooks."""
+
+    def __init__(self):
+        self._users = 0
+        self._lock = threading.Lock()
+        self._saved = []
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return self._users > 0
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self._install()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users == 0:
+                self._uninstall()
+
+    def _install(self) -> None:
+        for name, wrapper in (
+            ("train", _train_wrapper),
+            ("__setattr__", _setattr_wrapper),
+            ("__getstate__", _getstate_wrapper),
+        ):
+            original = nn.Module.__dict__[name]
+            self._saved.append((name, original))
+            setattr(nn.Module, name, wrapt.FunctionWrapper(original, wrapper))
+        reg = nn.modules.module
+        self._handles = [
+            reg.register_module_module_registration_hook(_on_structure_change),
+            reg.register_module_parameter_registration_hook(_on_structure_change),
+        ]
+        STRUCTURE_EPOCH[0] += 1
+        MODE_EPOCH[0] += 1
+
+    def _uninstall(self) -> None:
+        for name, original in reversed(self._saved):
+            setattr(nn.Module, name, original)
+        self._saved.clear()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+PATCHES = _Patches()
+
+
+def is_patched() -> bool:
+    """True while modeguard's patches are on nn.Module (for tests and diagnostics)."""
+    return isinstance(nn.Module.__dict__["train"], wrapt.FunctionWrapper)

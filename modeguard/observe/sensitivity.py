@@ -1,0 +1,144 @@
+"""Which modules care about their mode, and which are frozen on purpose.
+
+A module is mode-sensitive when its output or its state depends on ``self.training``:
+Dropout (p > 0), BatchNorm and InstanceNorm with running statistics, RReLU, attention and
+RNNs with dropout, any module whose own ``forward`` reads ``self.training`` (Hugging Face
+style ``F.dropout(x, training=self.training)``), and whatever the user registers. The
+answer is cached per class; nothing here runs on the hot path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import types
+import weakref
+from typing import Callable, Iterable, Optional, Union
+
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.rnn import RNNBase
+
+from . import modes
+
+# Torch classes whose forward reads self.training only to choose a fast kernel: the
+# numbers do not depend on it (their Dropout children are sensitive on their own).
+_FASTPATH_ONLY = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.Transformer)
+
+_registered: dict = {}  # class -> kind
+_predicates: list = []  # (predicate, kind)
+_reads_training_cache: dict = {}
+
+
+def register_sensitive(cls_or_predicate: Union[type, Callable[[nn.Module], bool]], kind: str = "registered") -> None:
+    """Declare that a module class (or any module for which ``predicate(module)`` is true)
+    behaves differently in train and eval mode."""
+    if isinstance(cls_or_predicate, type):
+        if not issubclass(cls_or_predicate, nn.Module):
+            raise TypeError(f"register_sensitive expects an nn.Module subclass or a predicate, got {cls_or_predicate!r}")
+        _registered[cls_or_predicate] = kind
+    elif callable(cls_or_predicate):
+        _predicates.append((cls_or_predicate, kind))
+    else:
+        raise TypeError(f"register_sensitive expects an nn.Module subclass or a predicate, got {cls_or_predicate!r}")
+    modes.bump_mode_epoch()
+
+
+def _code_reads_training(code: types.CodeType) -> bool:
+    if "training" in code.co_names:
+        return True
+    return any(isinstance(c, types.CodeType) and _code_reads_training(c) for c in code.co_consts)
+
+
+def _forward_reads_training(cls: type) -> bool:
+    hit = _reads_training_cache.get(cls)
+    if hit is None:
+        fwd = getattr(cls.forward, "__code__", None)
+        hit = fwd is not None and _code_reads_training(fwd)
+        _reads_training_cache[cls] = hit
+    return hit
+
+
+def _dropout_attrs_all_zero(module: nn.Module) -> bool:
+    """A custom module with dropout-like float attributes that are all 0 has nothing
+    random to switch off (Hugging Face configs with dropout 0.0)."""
+    values = [
+        v for k, v in vars(module).items()
+        if isinstance(v, float) and ("dropout" in k.lower() or k in ("p", "drop_prob", "drop_rate"))
+    ]
+    return bool(values) and all(v == 0.0 for v in values)
+
+
+def classify(module: nn.Module) -> Optional[str]:
+    """The kind of mode-sensitivity of ``module`` ("dropout", "batchnorm", ...), or None."""
+    for cls in type(module).__mro__:
+        kind = _registered.get(cls)
+        if kind is not None:
+            return kind
+    for pred, kind in _predicates:
+        if pred(module):
+            return kind
+    if isinstance(module, _DropoutNd):
+        return "dropout" if module.p > 0 else None
+    if isinstance(module, _BatchNorm):
+        # Without running statistics BatchNorm uses batch statistics in both modes.
+        return "batchnorm" if module.track_running_stats else None
+    if isinstance(module, _InstanceNorm):
+        return "instancenorm" if module.track_running_stats else None
+    if isinstance(module, nn.MultiheadAttention):
+        return "dropout" if module.dropout > 0 else None
+    if isinstance(module, RNNBase):
+        return "dropout" if module.dropout > 0 and module.num_layers > 1 else None
+    if isinstance(module, _FASTPATH_ONLY):
+        return None
+    if _forward_reads_training(type(module)):
+        return None if _dropout_attrs_all_zero(module) else "custom"
+    return None
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (_BatchNorm, _InstanceNorm))
+
+
+def params_frozen(module: nn.Module, recurse: bool) -> Optional[bool]:
+    """True if the module has parameters and none requires grad; None if it has none."""
+    seen = False
+    for p in module.parameters(recurse=recurse):
+        seen = True
+        if p.requires_grad:
+            return False
+    return True if seen else None
+
+
+# ---- modules the user says are meant to stay in eval --------------------------------
+
+_frozen_marks: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def mark_frozen(modules: Iterable[nn.Module]) -> None:
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modeguard.frozen() expects nn.Module objects, got {type(m).__name__}")
+        _frozen_marks.add(m)
+    modes.bump_mode_epoch()
+
+
+def unmark_frozen(modules: Iterable[nn.Module]) -> None:
+    for m in modules:
+        _frozen_marks.discard(m)
+    modes.bump_mode_epoch()
+
+
+def is_marked_frozen(module: nn.Module) -> bool:
+    return module in _frozen_marks
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """``"backbone.*"`` matches ``backbone`` itself and everything under it."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat):
+            return True
+        if pat.endswith(".*") and name == pat[:-2]:
+            return True
+    return False

@@ -1,0 +1,111 @@
+"""ModeSnapshot: the modes of one watched model's sensitive modules at one moment.
+
+Built by one walk over the model, only when ``MODE_EPOCH`` or ``STRUCTURE_EPOCH`` moved;
+every forward in between shares the same immutable snapshot, which is what keeps the hot
+path O(1). Forward records keep a reference to the snapshot they ran under, so a rule that
+looks at a step later still sees the modes the gradients were produced with.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional
+
+import torch.nn as nn
+
+from . import modes, sensitivity
+
+
+class SensitiveEntry:
+    """One mode-sensitive module of a watched model, as it was at snapshot time."""
+
+    __slots__ = ("name", "ref", "kind", "training", "marked", "is_bn", "own_frozen", "site")
+
+    def __init__(self, name, module, kind, marked):
+        self.name = name or "(root)"
+        self.ref = weakref.ref(module)
+        self.kind = kind
+        self.training = module.training
+        self.marked = marked
+        self.is_bn = sensitivity.is_batchnorm(module)
+        # BatchNorm and friends own their affine parameters; a custom module's
+        # parameters may sit in children.
+        self.own_frozen = sensitivity.params_frozen(module, recurse=not self.is_bn)
+        self.site = modes.last_set(module)
+
+    @property
+    def param_free(self) -> bool:
+        return self.own_frozen is None
+
+    def refresh_frozen(self) -> None:
+        m = self.ref()
+        if m is not None:
+            self.own_frozen = sensitivity.params_frozen(m, recurse=not self.is_bn)
+
+
+class ModeSnapshot:
+    __slots__ = (
+        "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
+        "frozen_bn_in_train", "probe", "n_modules", "__weakref__",
+    )
+
+    def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
+        patterns = tuple(frozen_patterns)
+        entries = []
+        marked_names = set()
+        n = 0
+        for name, m in root.named_modules(remove_duplicate=True):
+            n += 1
+            parent = name.rpartition(".")[0] if name else None
+            marked = (
+                sensitivity.is_marked_frozen(m)
+                or (parent is not None and parent in marked_names)
+                or (name != "" and bool(patterns) and sensitivity.matches_any(name, patterns))
+            )
+            if marked:
+                marked_names.add(name)
+            kind = sensitivity.classify(m)
+            if kind is not None:
+                entries.append(SensitiveEntry(name, m, kind, marked))
+        self.n_modules = n
+        self.root_training = root.training
+        self.entries = tuple(entries)
+        self.train_sensitive = tuple(e for e in entries if e.training)
+        self.eval_sensitive = tuple(e for e in entries if not e.training)
+        if not entries:
+            self.state = "none"
+        elif not self.eval_sensitive:
+            self.state = "train"
+        elif not self.train_sensitive:
+            self.state = "eval"
+        else:
+            self.state = "mixed"
+        self.frozen_bn_in_train = self._frozen_bn()
+        #: index in entries -> whether its input required grad in a grad-enabled forward
+        self.probe: dict = {}
+
+    def _frozen_bn(self) -> tuple:
+        return tuple(
+            e for e in self.train_sensitive
+            if e.is_bn and e.own_frozen is True
+        )
+
+    def refresh_frozen(self) -> None:
+        """requires_grad flips have no hook; rules call this on their slow path."""
+        for e in self.entries:
+            e.refresh_frozen()
+        self.frozen_bn_in_train = self._frozen_bn()
+
+    def needs_probe(self) -> tuple:
+        """Parameter-free sensitive modules in eval: whether they are frozen on purpose
+        depends on whether their input requires grad, which only a forward can tell."""
+        return tuple(
+            (i, e) for i, e in enumerate(self.entries)
+            if not e.training and e.param_free and not e.marked
+        )
+
+    def entry_index(self, entry: SensitiveEntry) -> Optional[int]:
+        for i, e in enumerate(self.entries):
+            if e is entry:
+                return i
+        return None

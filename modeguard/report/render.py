@@ -1,0 +1,149 @@
+"""Rendering reports and mode maps.
+
+Both are rich renderables that also print as plain text (``str()``), show as HTML in
+Jupyter (``_repr_html_``) and export as data (``to_dict()``/``to_json()``). Colour follows
+rich: on for a terminal, off in a pipe, ``FORCE_COLOR``/``NO_COLOR`` to force either way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Iterable, List, Optional
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from .._config import Severity
+from .._version import __version__
+from .violation import Violation
+
+SCHEMA_VERSION = 1
+
+_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+def _plain(renderable, width: int = 120) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, color_system=None, highlight=False, emoji=False).print(renderable)
+    return buf.getvalue().rstrip() + "\n"
+
+
+def _html(renderable, width: int = 120) -> str:
+    console = Console(record=True, file=io.StringIO(), width=width, force_jupyter=False)
+    console.print(renderable)
+    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+
+
+class Report:
+    """The violations a guard found, at the moment the report was made."""
+
+    def __init__(self, violations: Iterable[Violation], title: str = "modeguard report"):
+        self.violations: List[Violation] = list(violations)
+        self.title = title
+
+    def __len__(self) -> int:
+        return len(self.violations)
+
+    def __iter__(self):
+        return iter(self.violations)
+
+    def counts(self) -> dict:
+        out = {"error": 0, "warning": 0, "info": 0}
+        for v in self.violations:
+            out[v.severity.label] += 1
+        return out
+
+    def worst(self) -> Optional[Severity]:
+        return max((v.severity for v in self.violations), default=None)
+
+    def table(self) -> Table:
+        t = Table(title=self.title, title_justify="left", show_lines=False)
+        for col in ("code", "severity", "count", "model / modules", "where", "mode set at"):
+            t.add_column(col, overflow="fold")
+        for v in self.violations:
+            mods = v.model + (": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "") if v.modules else "")
+            t.add_row(
+                Text(f"{v.code} {v.name}"),
+                Text(v.severity.label, style=_STYLE.get(v.severity, "")),
+                str(v.count),
+                mods,
+                v.location.short() if v.location else "-",
+                (v.mode_set_at.how + " " + v.mode_set_at.location.short()) if v.mode_set_at and v.mode_set_at.location else "-",
+            )
+        return t
+
+    def __rich__(self):
+        if not self.violations:
+            return Text("modeguard: no train/eval mode problems found.", style="green")
+        details = [Text(v.message + "\n", style=_STYLE.get(v.severity, "")) for v in self.violations]
+        return Group(self.table(), Text(""), *details)
+
+    def __str__(self) -> str:
+        return _plain(self)
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return f"<modeguard Report: {c['error']} error, {c['warning']} warning, {c['info']} info>"
+
+    def _repr_html_(self) -> str:
+        return _html(self)
+
+    def to_dict(self, **extra) -> dict:
+        out = {"modeguard": __version__, "schema": SCHEMA_VERSION}
+        out.update(extra)
+        out["violations"] = [v.to_dict() for v in self.violations]
+        out["counts"] = self.counts()
+        return out
+
+    def to_json(self, indent: int = 2, **extra) -> str:
+        return json.dumps(self.to_dict(**extra), indent=indent)
+
+
+class ModeMap:
+    """A tree of a model: each module's mode, sensitivity, frozen state and where its mode
+    was last set."""
+
+    def __init__(self, root_name: str, rows: list):
+        self.root_name = root_name
+        self.rows = rows  # dicts in named_modules order
+
+    def to_dict(self) -> dict:
+        return {"model": self.root_name, "modules": self.rows}
+
+    def __rich__(self):
+        tree = Tree(Text(self.root_name, style="bold"))
+        nodes = {"": tree}
+        for row in self.rows:
+            name = row["name"]
+            if name == "":
+                tree.label = self._label(row, self.root_name)
+                continue
+            parent = nodes.get(name.rpartition(".")[0], tree)
+            nodes[name] = parent.add(self._label(row, name.rpartition(".")[2]))
+        return tree
+
+    @staticmethod
+    def _label(row, short) -> Text:
+        mode = "train" if row["training"] else "eval"
+        t = Text(f"{short} ", style="bold" if row["sensitive"] else "")
+        t.append(f"({row['type']}) ", style="dim")
+        t.append(mode, style="green" if row["training"] else "magenta")
+        if row["sensitive"]:
+            t.append(f" sensitive:{row['sensitive']}", style="yellow")
+        if row["frozen"]:
+            t.append(" frozen", style="blue")
+        if row["mode_set_at"]:
+            t.append(f"  <- {row['mode_set_at']}", style="dim")
+        return t
+
+    def __str__(self) -> str:
+        return _plain(self)
+
+    def _repr_html_(self) -> str:
+        return _html(self)
+
+    def __repr__(self) -> str:
+        return f"<modeguard ModeMap of {self.root_name}: {len(self.rows)} modules>"

@@ -1,0 +1,74 @@
+"""Violation: one distinct problem, found at one place, counted every time it recurs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .._config import Severity
+from .._frames import Location
+from ..observe.modes import ModeSite
+
+
+def _first_sentence(text: str) -> str:
+    flat = " ".join(text.split())
+    head, dot, _ = flat.partition(". ")
+    return head + "." if dot else flat
+
+
+@dataclass(eq=False)
+class Violation:
+    code: str
+    name: str
+    severity: Severity
+    headline: str
+    model: str
+    modules: List[str]
+    location: Optional[Location]
+    mode_set_at: Optional[ModeSite]
+    fix: str
+    why: str
+    first_step: int
+    count: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        lines = [f"{self.code} {self.name} [{self.severity.label}]: {self.headline}."]
+        if self.location is not None:
+            lines.append(f"  where:    {self.location}")
+        mods = ""
+        if self.modules:
+            shown = ", ".join(self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
+            mods = f" ({shown})"
+        lines.append(f"  model:    {self.model}{mods}")
+        if self.mode_set_at is not None:
+            lines.append(f"  mode set: {self.mode_set_at.describe()}")
+        lines.append(f"  why:      {self.why}")
+        lines.append(f"  fix:      {self.fix}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict:
+        return {
+            "code": self.code,
+            "name": self.name,
+            "severity": self.severity.label,
+            "message": self.message,
+            "model": self.model,
+            "modules": list(self.modules),
+            "location": self.location.to_dict() if self.location else None,
+            "mode_set_at": self.mode_set_at.to_dict() if self.mode_set_at else None,
+            "count": self.count,
+            "first_step": self.first_step,
+        }
+
+    @classmethod
+    def build(cls, rule, severity, model, modules, location, mode_site, headline, step) -> "Violation":
+        return cls(
+            code=rule.code, name=rule.name, severity=severity, headline=headline, model=model,
+            modules=list(modules), location=location, mode_set_at=mode_site, fix=rule.fix,
+            why=_first_sentence(rule.explanation), first_step=step,
+        )

@@ -1,0 +1,21 @@
+"""The rules, one module each. A new rule is a new file here with a Rule subclass; its
+import below registers it. ``RULES`` maps codes to rule objects, in code order."""
+
+from ._base import RULES, Rule
+from .step_in_eval import StepInEval
+from .eval_in_train_mode import EvalInTrainMode
+from .frozen_bn_drift import FrozenBNDrift
+from .eval_graph_unused import EvalGraphUnused
+from .step_without_backward import StepWithoutBackward
+
+__all__ = ["RULES", "Rule", "StepInEval", "EvalInTrainMode", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward", "get_rule"]
+
+
+def get_rule(code_or_name: str) -> Rule:
+    key = str(code_or_name).strip()
+    if key.upper() in RULES:
+        return RULES[key.upper()]
+    for rule in RULES.values():
+        if rule.name == key:
+            return rule
+    raise ValueError(f"unknown rule {code_or_name!r}; valid rules: {', '.join(f'{c} ({r.name})' for c, r in RULES.items())}")

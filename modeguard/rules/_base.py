@@ -1,0 +1,73 @@
+"""The Rule object: one per check, holding everything users see about it.
+
+A rule's code, name, default severity, explanation and fix live on the same class that
+implements the check; ``modeguard explain``, the README table and the warning classes are
+all generated from it, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import ClassVar, Dict, List
+
+from .._config import Severity
+from .._exceptions import ModeGuardError, ModeGuardInfo, ModeGuardWarning
+
+RULES: Dict[str, "Rule"] = {}
+
+
+class Rule:
+    """Base class. Subclasses set the class attributes and override the event methods
+    they need; each event method must be O(1) until it has decided something is wrong."""
+
+    code: ClassVar[str]
+    name: ClassVar[str]
+    severity: ClassVar[Severity]
+    summary: ClassVar[str]          # one line
+    explanation: ClassVar[str]      # why it matters, a paragraph
+    quiet_when: ClassVar[List[str]] = []
+    fix: ClassVar[str]              # one line
+
+    # Filled in by __init_subclass__.
+    Warning: ClassVar[type]
+    Error: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stem = cls.__name__
+        doc = f"{cls.code} {cls.name}: {cls.summary}"
+        cls.Warning = type(f"{stem}Warning", (ModeGuardWarning,), {"__doc__": doc, "__module__": "modeguard"})
+        cls.Info = type(f"{stem}Info", (ModeGuardInfo, cls.Warning), {"__doc__": doc, "__module__": "modeguard"})
+        cls.Error = type(f"{stem}Error", (ModeGuardError,), {"__doc__": doc, "__module__": "modeguard"})
+        RULES[cls.code] = cls()
+
+    # Events. The guard calls only the ones a rule overrides.
+    def on_forward(self, guard, root, snapshot, grad_enabled: bool) -> None:
+        """Before a watched model's forward."""
+
+    def on_release(self, guard, record) -> None:
+        """A grad-enabled forward's graph was freed without any backward through it."""
+
+    def on_step(self, guard, opt_state, roots, has_closure: bool) -> None:
+        """Before ``optimizer.step()`` of a watched optimizer; ``roots`` are the watched
+        models whose parameters it updates."""
+
+    # Documentation, generated.
+    def explain(self) -> str:
+        quiet = "\n".join(f"  - {q}" for q in self.quiet_when) or "  -"
+        body = textwrap.fill(textwrap.dedent(self.explanation).strip(), 88)
+        return (
+            f"{self.code} {self.name} (default severity: {self.severity.label})\n\n"
+            f"{self.summary}\n\n{body}\n\n"
+            f"Stays quiet when:\n{quiet}\n\n"
+            f"Fix: {self.fix}\n\n"
+            f"Silence it: modeguard.watch(..., rules={{\"{self.code}\": \"off\"}}), "
+            f"or `with modeguard.allow(\"{self.code}\"):` around the code.\n"
+        )
+
+    def __repr__(self) -> str:
+        return f"<Rule {self.code} {self.name}>"
+
+
+def overrides(rule: Rule, event: str) -> bool:
+    return getattr(type(rule), event) is not getattr(Rule, event)

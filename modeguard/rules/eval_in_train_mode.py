@@ -1,0 +1,70 @@
+"""MG201 eval-in-train-mode: evaluating while mode-sensitive modules are in train mode."""
+
+from __future__ import annotations
+
+from .._config import Severity
+from .._frames import stack_has_function
+from ..observe.graph import ACTIVITY
+from ._base import Rule
+
+# Consecutive evaluation-like forwards (with no backward or step in between) before this
+# fires: one forward under no_grad in train mode is common in legitimate training code
+# (a GAN's fake batch, a momentum encoder); a run of them is an evaluation loop.
+STREAK = 2
+
+
+class EvalInTrainMode(Rule):
+    code = "MG201"
+    name = "eval-in-train-mode"
+    severity = Severity.WARNING
+    summary = "forward passes that evaluate the model (no_grad, or graphs never backpropagated) run with mode-sensitive modules in train mode."
+    explanation = """
+        In train mode Dropout zeroes random activations, so evaluation results are random,
+        and BatchNorm normalises with batch statistics and overwrites its running statistics
+        with the evaluation data, which silently changes the model you later save. A forward
+        counts as evaluation when it runs under torch.no_grad()/torch.inference_mode(), or
+        when several grad-enabled forwards in a row build graphs that no backward ever uses,
+        with no backward or optimizer step in between.
+    """
+    quiet_when = [
+        "torch.optim.swa_utils.update_bn (it recomputes BatchNorm statistics in train mode on purpose)",
+        "Monte-Carlo dropout: the model is in eval and dropout modules were switched back to train one by one",
+        "a single no_grad forward between training steps (GAN fake batches, momentum/EMA encoders)",
+        "code under `with modeguard.allow(\"MG201\")`",
+    ]
+    fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
+
+    def on_forward(self, guard, root, snapshot, grad_enabled):
+        if grad_enabled or not snapshot.root_training or not snapshot.train_sensitive:
+            root.nograd_streak = 0
+            return
+        act = ACTIVITY[0]
+        if act == root.nograd_mark:
+            root.nograd_streak += 1
+        else:
+            root.nograd_streak, root.nograd_mark = 1, act
+        if root.nograd_streak >= STREAK:
+            self._fire(guard, root, snapshot, None, "under torch.no_grad()/inference_mode()", None)
+
+    def on_release(self, guard, record):
+        snap = record.snapshot
+        if not snap.root_training or not snap.train_sensitive:
+            return
+        root = record.root
+        act = ACTIVITY[0]
+        if act == root.unused_mark:
+            root.unused_streak += 1
+        else:
+            root.unused_streak, root.unused_mark = 1, act
+        if root.unused_streak >= STREAK and record.where is not None:
+            self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
+
+    def _fire(self, guard, root, snap, where, how, allowed):
+        if stack_has_function({"update_bn"}, "swa_utils"):
+            return
+        names = [e.name for e in snap.train_sensitive if not e.marked] or [e.name for e in snap.train_sensitive]
+        guard.emit(
+            self, severity=None, root=root, where=where, modules=names, mode_site=root.root_site(),
+            headline=f"the model is being evaluated ({how}) while {len(names)} mode-sensitive modules are in train mode",
+            allowed=allowed,
+        )

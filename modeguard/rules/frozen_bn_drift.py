@@ -1,0 +1,49 @@
+"""MG301 frozen-bn-drift: a frozen BatchNorm left in train mode."""
+
+from __future__ import annotations
+
+from .._config import Severity
+from ._base import Rule
+
+# requires_grad flips have no hook: re-read them every this many steps (or the number of
+# sensitive modules, if larger, so the amortised cost per step stays constant).
+REFRESH_EVERY = 64
+
+
+class FrozenBNDrift(Rule):
+    code = "MG301"
+    name = "frozen-bn-drift"
+    severity = Severity.WARNING
+    summary = "a BatchNorm whose affine parameters are frozen (requires_grad=False) is in train mode during training."
+    explanation = """
+        Freezing a BatchNorm's weight and bias does not freeze it: in train mode it still
+        normalises with batch statistics and overwrites running_mean/running_var every step,
+        so the "frozen" backbone drifts away from the statistics it was trained with, which
+        hurts most with small fine-tuning batches. Put frozen BatchNorm in eval mode.
+    """
+    quiet_when = [
+        "track_running_stats=False (nothing to drift)",
+        "the BatchNorm is in eval mode",
+        "its weight or bias is still trainable",
+    ]
+    fix = "after model.train(), call .eval() on the frozen part (or override train() to keep it in eval)."
+
+    def on_step(self, guard, opt_state, roots, has_closure):
+        for st in roots:
+            rec = st.last_backprop
+            if rec is None:
+                continue
+            snap = rec.snapshot
+            st.steps_since_refresh += 1
+            if st.steps_since_refresh >= max(REFRESH_EVERY, len(snap.entries)):
+                st.steps_since_refresh = 0
+                snap.refresh_frozen()
+            if not snap.frozen_bn_in_train:
+                continue
+            names = [e.name for e in snap.frozen_bn_in_train]
+            guard.emit(
+                self, severity=None, root=st, where=None, modules=names,
+                mode_site=snap.frozen_bn_in_train[0].site or st.root_site(),
+                headline=f"{len(names)} BatchNorm module(s) with frozen parameters are in train mode, so their running statistics keep changing",
+                allowed=rec.allowed,
+            )

@@ -1,0 +1,67 @@
+"""MG101 step-in-eval: training on gradients from an eval-mode forward."""
+
+from __future__ import annotations
+
+from .._config import Severity
+from ._base import Rule
+
+
+class StepInEval(Rule):
+    code = "MG101"
+    name = "step-in-eval"
+    severity = Severity.ERROR
+    summary = "optimizer.step() applies gradients from a forward that ran with mode-sensitive modules in eval mode."
+    explanation = """
+        Dropout was switched off and BatchNorm normalised with its frozen running statistics
+        while the model was being trained, so the network you optimise is not the one you
+        designed, and BatchNorm's running statistics stop tracking the weights. The usual
+        cause is a validate() inside the training loop that calls model.eval() with nothing
+        calling model.train() afterwards. Severity is error when the whole model (or every
+        sensitive module) was in eval, warning when only some modules were.
+    """
+    quiet_when = [
+        "the modules in eval are frozen on purpose: their own parameters all have requires_grad=False",
+        "a parameter-free module (Dropout) in eval whose input does not require grad (it sits in a frozen feature extractor)",
+        "the modules are marked with modeguard.frozen(...) or watch(..., frozen=[...])",
+        "the model's own train() override put them in eval (mmdetection's norm_eval pattern)",
+    ]
+    fix = "call model.train() before the training step (e.g. at the top of each epoch, after validate())."
+
+    def on_step(self, guard, opt_state, roots, has_closure):
+        for st in roots:
+            rec = st.last_backprop
+            if rec is None or rec.snapshot.state in ("train", "none"):
+                continue  # the common case: O(1)
+            if opt_state.seen_backward.get(st) == st.backward_count:
+                continue  # no new gradients from this model since this optimizer's last step
+            self._diagnose(guard, st, rec)
+
+    def _diagnose(self, guard, st, rec):
+        snap = rec.snapshot
+        snap.refresh_frozen()
+        offending = []
+        for i, e in enumerate(snap.entries):
+            if e.training or e.marked or e.own_frozen is True:
+                continue
+            if e.site is not None and e.site.how == "override":
+                continue
+            if e.param_free and snap.probe.get(i, False) is False:
+                # Its input did not require grad, or it never ran with grad enabled.
+                continue
+            offending.append(e)
+        if not offending:
+            return
+        candidates = [
+            e for e in snap.entries
+            if not e.marked and e.own_frozen is not True and not (e.site and e.site.how == "override")
+        ]
+        whole = not snap.root_training or len(offending) == len(candidates)
+        severity = Severity.ERROR if whole else Severity.WARNING
+        root_site = st.root_site()
+        scope = "the model" if not snap.root_training else f"{len(offending)} of {len(snap.entries)} mode-sensitive modules"
+        headline = f"optimizer.step() applied gradients from a forward in which {scope} ran in eval mode"
+        guard.emit(
+            self, severity=severity, root=st, where=None, modules=[e.name for e in offending],
+            mode_site=root_site if not snap.root_training and root_site else offending[0].site,
+            headline=headline, allowed=rec.allowed,
+        )

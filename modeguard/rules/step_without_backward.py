@@ -1,0 +1,38 @@
+"""MG602 step-without-backward: a step with no fresh gradients."""
+
+from __future__ import annotations
+
+from .._config import Severity
+from ._base import Rule
+
+
+class StepWithoutBackward(Rule):
+    code = "MG602"
+    name = "step-without-backward"
+    severity = Severity.WARNING
+    summary = "optimizer.step() ran with no backward into its parameters since its previous step."
+    explanation = """
+        The step applies whatever gradients are left in .grad: if zero_grad() was not
+        called they are the previous batch's, applied a second time; if it was, the step
+        does nothing but still advances momentum and learning-rate schedules. Usually a
+        backward() was skipped by a branch, or step() is called twice.
+    """
+    quiet_when = [
+        "gradient accumulation (several backwards, then one step)",
+        "optimizer.step(closure) (LBFGS-style: the closure does the backward)",
+        "the optimizer holds no parameters of a watched model (modeguard cannot see its gradients)",
+    ]
+    fix = "call loss.backward() before every optimizer.step() (or skip the step on that branch too)."
+
+    def on_step(self, guard, opt_state, roots, has_closure):
+        if has_closure or not roots:
+            return
+        seen = opt_state.seen_backward
+        for st in roots:
+            if seen.get(st, 0) != st.backward_count:
+                return
+        guard.emit(
+            self, severity=None, root=roots[0], where=None, modules=[], mode_site=None,
+            headline="optimizer.step() ran, but no backward reached its parameters since its previous step",
+            allowed=None,
+        )
