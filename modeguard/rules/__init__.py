@@ -19,3 +19,12 @@ def get_rule(code_or_name: str) -> Rule:
         if rule.name == key:
             return rule
     raise ValueError(f"unknown rule {code_or_name!r}; valid rules: {', '.join(f'{c} ({r.name})' for c, r in RULES.items())}")
+
+
+def rules_markdown() -> str:
+    """The README's rule table, generated from the rule objects (a test keeps the README
+    in sync with it)."""
+    lines = ["| code | name | default | fires when | stays quiet when |", "|---|---|---|---|---|"]
+    for code, r in RULES.items():
+        lines.append(f"| {code} | `{r.name}` | {r.severity.label} | {r.summary} | {'; '.join(r.quiet_when)} |")
+    return "\n".join(lines) + "\n"
