@@ -41,7 +41,8 @@ class Report:
     """The violations a guard found, at the moment the report was made."""
 
     def __init__(self, violations: Iterable[Violation], title: str = "modeguard report"):
-        self.violations: List[Violation] = list(violations)
+        # Worst first; within a severity, in the order they were found.
+        self.violations: List[Violation] = sorted(violations, key=lambda v: -int(v.severity))
         self.title = title
 
     def __len__(self) -> int:

@@ -40,7 +40,7 @@ class Violation:
         mods = ""
         if self.modules:
             shown = ", ".join(self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
-            mods = f" ({shown})"
+            mods = f"; modules: {shown}"
         lines.append(f"  model:    {self.model}{mods}")
         if self.mode_set_at is not None:
             lines.append(f"  mode set: {self.mode_set_at.describe()}")
