@@ -8,9 +8,16 @@ from ..observe.graph import ACTIVITY
 from ._base import Rule
 
 # Consecutive evaluation-like forwards (with no backward or step in between) before this
-# fires: one forward under no_grad in train mode is common in legitimate training code
-# (a GAN's fake batch, a momentum encoder); a run of them is an evaluation loop.
+# fires. A model that is itself trained (it has had a backward), or a program that trains
+# nothing, is evaluating after two. A model that never gets a backward while others train
+# is a teacher, target network or momentum encoder: MoCo and BYOL run theirs two or more
+# times per step under no_grad in train mode on purpose, so only a long run counts.
 STREAK = 2
+STREAK_AUXILIARY = 8
+
+
+def _threshold(root) -> int:
+    return STREAK if root.backward_count or not ACTIVITY[0] else STREAK_AUXILIARY
 
 
 class EvalInTrainMode(Rule):
@@ -29,7 +36,7 @@ class EvalInTrainMode(Rule):
     quiet_when = [
         "torch.optim.swa_utils.update_bn (it recomputes BatchNorm statistics in train mode on purpose)",
         "Monte-Carlo dropout: the model is in eval and dropout modules were switched back to train one by one",
-        "a single no_grad forward between training steps (GAN fake batches, momentum/EMA encoders)",
+        "a single no_grad forward between training steps (GAN fake batches), or a few per step of a model that is not itself trained (MoCo/BYOL momentum encoders, EMA teachers, target networks)",
         "code under `with modeguard.allow(\"MG201\")`",
     ]
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
@@ -43,7 +50,7 @@ class EvalInTrainMode(Rule):
             root.nograd_streak += 1
         else:
             root.nograd_streak, root.nograd_mark = 1, act
-        if root.nograd_streak >= STREAK:
+        if root.nograd_streak >= _threshold(root):
             self._fire(guard, root, snapshot, None, "under torch.no_grad()/inference_mode()", None)
 
     def on_release(self, guard, record):
@@ -56,7 +63,7 @@ class EvalInTrainMode(Rule):
             root.unused_streak += 1
         else:
             root.unused_streak, root.unused_mark = 1, act
-        if root.unused_streak >= STREAK and record.where is not None:
+        if root.unused_streak >= _threshold(root) and record.where is not None:
             self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
 
     def _fire(self, guard, root, snap, where, how, allowed):
