@@ -95,30 +95,35 @@ def _train_wrapper(wrapped, instance, args, kwargs):
             _local.site = None
 
 
-def _override_class() -> str:
-    """Slow path: the class whose own train() is running above us."""
-    f = sys._getframe(2)
+def _override_site(value: bool):
+    """Slow path: is a model's own ``train(mode)`` override, asked for the opposite mode,
+    running above this change (mmdetection's norm_eval, "keep the backbone in eval")?
+    Returns the ModeSite to record, or None."""
+    f = sys._getframe(3)
     while f is not None:
-        if f.f_code.co_name == "train" and not _is_internal(f.f_code):
+        code = f.f_code
+        if code.co_name == "train" and not _is_internal(code):
             owner = f.f_locals.get("self")
-            return type(owner).__name__ if owner is not None else "train"
+            if isinstance(owner, nn.Module) and bool(f.f_locals.get("mode", True)) != value:
+                caller = f.f_back
+                while caller is not None and _is_internal(caller.f_code):
+                    caller = caller.f_back
+                loc = Location(caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name) if caller else None
+                return ModeSite(value, "override", loc, type(owner).__name__)
         f = f.f_back
-    return "train"
+    return None
 
 
 def _note_training(module: nn.Module, value) -> None:
     """Slow path, run only when a module's flag really changes."""
     MODE_EPOCH[0] += 1
     value = bool(value)
+    override = _override_site(value)
+    if override is not None:
+        _sites[module] = override
+        return
     stack = getattr(_local, "stack", None)
     if stack:
-        if any(mode != value for _, mode in stack):
-            # An outer train(mode) asked for the opposite: a train() override
-            # (norm_eval, "keep the backbone in eval") is at work on purpose.
-            site = getattr(_local, "site", None)
-            loc = site.location if site is not None else user_location(3)
-            _sites[module] = ModeSite(value, "override", loc, _override_class())
-            return
         site = getattr(_local, "site", None)
         if site is None or site.training != value:
             how = f"{type(stack[0][0]).__name__}.{'train' if value else 'eval'}()"
