@@ -11,7 +11,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) requirements-dev.txt pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps torcheck || echo "torcheck not installed: its benchmark column will be empty"
 	$(PY) -m pip install --quiet --no-deps -e .

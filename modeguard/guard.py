@@ -175,6 +175,7 @@ class Guard:
         self._roots: dict = {}      # id(module) -> RootState
         self._roots_version = 0
         self._opts: dict = {}       # id(optimizer) -> OptimizerState
+        self._finalizers: list = []  # detached by unwatch(): nothing of ours outlives it
         self._violations: List[Violation] = []
         self._by_key: dict = {}
         self.steps = 0
@@ -213,7 +214,7 @@ class Guard:
         self._roots[id(model)] = st
         self._roots_version += 1
         _GUARDS[model] = self
-        weakref.finalize(model, self._forget_root, id(model))
+        self._finalizers.append(weakref.finalize(model, self._forget_root, id(model)))
         return self
 
     def watch_optimizer(self, optimizer, _check_params: bool = True, _hooks: bool = True) -> "Guard":
@@ -230,7 +231,7 @@ class Guard:
                 optimizer.register_step_post_hook(self._make_step_post_hook(ost)),
             ]
         self._opts[id(optimizer)] = ost
-        weakref.finalize(optimizer, self._opts.pop, id(optimizer), None)
+        self._finalizers.append(weakref.finalize(optimizer, self._opts.pop, id(optimizer), None))
         if _check_params and self._roots and not ost.roots(self):
             warnings.warn(
                 f"modeguard: the {type(optimizer).__name__} passed to watch() holds none of the watched "
@@ -403,6 +404,9 @@ class Guard:
             for h in ost.handles:
                 h.remove()
         self._opts.clear()
+        for fin in self._finalizers:
+            fin.detach()
+        self._finalizers.clear()
         if self._frozen_modules:
             sensitivity.unmark_frozen(list(self._frozen_modules))
         PATCHES.release()
