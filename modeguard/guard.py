@@ -429,12 +429,13 @@ def _stacklevel() -> int:
     import sys
     from ._frames import _is_internal
 
+    # Level 1 is our caller (the frame that calls warnings.warn); count up to the user.
     f = sys._getframe(1)
     level = 1
     while f is not None and _is_internal(f.f_code):
         f = f.f_back
         level += 1
-    return level - 1 if level > 1 else 1
+    return level
 
 
 def _rank_suffix() -> str:
