@@ -105,6 +105,11 @@ def _override_site(value: bool):
         if code.co_name == "train" and not _is_internal(code):
             owner = f.f_locals.get("self")
             if isinstance(owner, nn.Module) and bool(f.f_locals.get("mode", True)) != value:
+                # An override that only passes its arguments on (`def train(self, *args)`,
+                # `def train(self, on=True)`) reaches this change through nn.Module.train
+                # on itself with this very mode: that is the user's own eval()/train().
+                if any(inst is owner and m == value for inst, m in getattr(_local, "stack", ())):
+                    return None
                 caller = f.f_back
                 while caller is not None and _is_internal(caller.f_code):
                     caller = caller.f_back
