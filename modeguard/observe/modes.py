@@ -23,7 +23,7 @@ from typing import Optional
 import torch.nn as nn
 import wrapt
 
-from .._frames import Location, user_location, _is_internal
+from .._frames import Location, user_frame, user_location, _is_internal
 
 #: Bumped on every change of any module's ``training`` flag (and on frozen() marks).
 MODE_EPOCH = [0]
@@ -119,6 +119,17 @@ def _override_site(value: bool):
     return None
 
 
+def _train_call_location(depth: int) -> Optional[Location]:
+    """The user's ``model.train()``/``eval()`` call: above the model's own ``train()``
+    override, if it has one, which is not where the user asked for the mode."""
+    f = user_frame(depth)
+    while f is not None and f.f_code.co_name in ("train", "eval") and isinstance(f.f_locals.get("self"), nn.Module):
+        f = f.f_back
+        while f is not None and _is_internal(f.f_code):
+            f = f.f_back
+    return Location(f.f_code.co_filename, f.f_lineno, f.f_code.co_name) if f is not None else None
+
+
 def _note_training(module: nn.Module, value) -> None:
     """Slow path, run only when a module's flag really changes."""
     MODE_EPOCH[0] += 1
@@ -132,7 +143,7 @@ def _note_training(module: nn.Module, value) -> None:
         site = getattr(_local, "site", None)
         if site is None or site.training != value:
             how = f"{type(stack[0][0]).__name__}.{'train' if value else 'eval'}()"
-            site = _local.site = ModeSite(value, how, user_location(3))
+            site = _local.site = ModeSite(value, how, _train_call_location(3))
         _sites[module] = site
     else:
         _sites[module] = ModeSite(value, "assignment", user_location(3))
