@@ -27,7 +27,9 @@ _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO:
 
 def _plain(renderable, width: int = 120) -> str:
     buf = io.StringIO()
-    Console(file=buf, width=width, no_color=True, color_system=None, highlight=False, emoji=False).print(renderable)
+    # force_jupyter=False: inside a Jupyter kernel rich would otherwise display the
+    # renderable in the notebook and leave the buffer empty.
+    Console(file=buf, width=width, no_color=True, color_system=None, highlight=False, emoji=False, force_jupyter=False).print(renderable)
     return buf.getvalue().rstrip() + "\n"
 
 
@@ -92,6 +94,11 @@ class Report:
     def _repr_html_(self) -> str:
         return _html(self)
 
+    def _repr_pretty_(self, p, cycle) -> None:
+        # IPython's text/plain (a terminal, `display(report)`): the report itself, while
+        # repr() stays one line for logs and debuggers.
+        p.text(str(self).rstrip("\n"))
+
     def to_dict(self, **extra) -> dict:
         out = {"modeguard": __version__, "schema": SCHEMA_VERSION}
         out.update(extra)
@@ -145,6 +152,9 @@ class ModeMap:
 
     def _repr_html_(self) -> str:
         return _html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self).rstrip("\n"))
 
     def __repr__(self) -> str:
         return f"<modeguard ModeMap of {self.root_name}: {len(self.rows)} modules>"
