@@ -146,7 +146,9 @@ def _note_training(module: nn.Module, value) -> None:
             site = _local.site = ModeSite(value, how, _train_call_location(3))
         _sites[module] = site
     else:
-        _sites[module] = ModeSite(value, "assignment", user_location(3))
+        # Start low: internal frames are skipped, and starting past the user's frame
+        # would blame their caller.
+        _sites[module] = ModeSite(value, "assignment", user_location(1))
 
 
 def _setattr_wrapper(wrapped, instance, args, kwargs):
