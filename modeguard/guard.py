@@ -452,16 +452,23 @@ def _rank_suffix() -> str:
 def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> ModeMap:
     snap = {e.name: e for e in ModeSnapshot(model, frozen_patterns).entries}
     rows = []
+    marked_names = set()  # frozen marks cover everything under the marked module
     for name, m in model.named_modules():
         e = snap.get(name or "(root)")
         site = modes.last_set(m)
         own = sensitivity.params_frozen(m, recurse=False)
+        parent = name.rpartition(".")[0] if name else None
+        marked = bool(e and e.marked) or sensitivity.is_marked_frozen(m) or (parent in marked_names) or (
+            name != "" and sensitivity.matches_any(name, frozen_patterns)
+        )
+        if marked:
+            marked_names.add(name)
         rows.append({
             "name": name,
             "type": type(m).__name__,
             "training": m.training,
             "sensitive": e.kind if e else None,
-            "frozen": bool((e and e.marked) or own is True),
+            "frozen": bool(marked or own is True),
             "mode_set_at": site.describe() if site else None,
         })
     return ModeMap(type(model).__name__, rows)
