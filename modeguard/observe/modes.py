@@ -46,7 +46,7 @@ class ModeSite:
     def describe(self) -> str:
         where = str(self.location) if self.location else "an unknown place"
         if self.how == "override":
-            return f"set to eval by {self.by}.train() (an override), called from {where}"
+            return f"set to {'train' if self.training else 'eval'} by {self.by}.train() (an override), called from {where}"
         if self.how == "assignment":
             return f"`.training = {self.training}` assigned directly at {where}"
         return f"{self.how} at {where}"
