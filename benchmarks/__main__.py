@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-scaling", action="store_true", help="skip the depth sweep")
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 8
+        args.rounds = 2 if args.quick else 7
     if args.block_time is None:
         args.block_time = 0.05 if args.quick else 0.4
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         log("Scaling sweep: Linear+Dropout blocks")
         sweep_inst = [Baseline(), ModeguardWatch(), ModeguardAuto(), NaiveReference()]
         result["scaling"] = harness.scaling(
-            workloads.scaling_workload, depths, sweep_inst, rounds=2 if args.quick else 4,
+            workloads.scaling_workload, depths, sweep_inst, rounds=2 if args.quick else 3,
             block_time=0.05 if args.quick else 0.25, threads=args.threads, timer=args.timer, log=log,
         )
 

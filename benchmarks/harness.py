@@ -5,8 +5,9 @@ instrumentation, in an order rotated from round to round, so slow drift of the m
 (other processes, thermal state) spreads over all columns alike. A block installs the
 instrumentation, warms up, and times with ``torch.utils.benchmark.Timer.blocked_autorange``
 (which synchronizes the accelerator around each measurement); the per-iteration times of
-all blocks of a column are pooled, and the column's median and interquartile range are
-taken from that pool. Installing and removing an instrumentation is never timed.
+all blocks of a column are pooled for the column's median and interquartile range; the
+ratio and added time compare each block with the baseline block of the same round and
+take the median over rounds. Installing and removing an instrumentation is never timed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def time_block(op, threads: int, min_run_time: float, timer: str = "wall") -> Li
 def compare(workload, instruments: List[Instrument], phases=("train", "eval"), rounds: int = 5,
             block_time: float = 0.5, warmup: int = 3, threads: int = 1, timer: str = "wall", log=print) -> Dict[str, dict]:
     """Interleaved timing of ``workload`` under each instrumentation."""
+    # samples[phase][key][round] = per-iteration times of that round's block
     samples = {ph: {inst.key: [] for inst in instruments} for ph in phases}
     for r in range(rounds):
         k = r % len(instruments)
@@ -57,22 +59,29 @@ def compare(workload, instruments: List[Instrument], phases=("train", "eval"), r
                     workload.set_phase(phase)
                     for _ in range(warmup):
                         op()
-                    samples[phase][inst.key] += time_block(op, threads, block_time, timer)
+                    samples[phase][inst.key].append(time_block(op, threads, block_time, timer))
                 finally:
                     inst.uninstall(workload)
         log(f"    round {r + 1}/{rounds} done")
     out = {}
     for phase in phases:
-        base = _quantiles(samples[phase]["baseline"])[1]
+        base_blocks = [statistics.median(b) for b in samples[phase]["baseline"]]
         cols = {}
         for inst in instruments:
-            q1, med, q3 = _quantiles(samples[phase][inst.key])
+            blocks = samples[phase][inst.key]
+            q1, med, q3 = _quantiles([t for b in blocks for t in b])
+            # Paired within each round (blocks minutes apart would carry the machine's
+            # drift into the comparison): median over rounds of this block vs baseline's.
+            meds = [statistics.median(b) for b in blocks]
+            ratios = [m / b for m, b in zip(meds, base_blocks)]
+            diffs = [m - b for m, b in zip(meds, base_blocks)]
             cols[inst.key] = {
                 "median_us": med * 1e6,
                 "iqr_us": (q3 - q1) * 1e6,
-                "n_samples": len(samples[phase][inst.key]),
-                "ratio": med / base,
-                "overhead_us": (med - base) * 1e6,
+                "n_samples": sum(len(b) for b in blocks),
+                "ratio": statistics.median(ratios),
+                "overhead_us": statistics.median(diffs) * 1e6,
+                "round_ratios": [round(x, 4) for x in ratios],
             }
         out[phase] = cols
     return out

@@ -153,8 +153,9 @@ def markdown(result: dict) -> str:
         f"- load average (1, 5, 15 min) at start {load[0]}, at end {load[1]}"
         + (" (the machine was shared with other work)" if load[0] and load[0][0] > 0.5 else ""),
         "",
-        "Ratio = median step time with the instrumentation / median without, same run; added µs = the "
-        "difference of the medians (negative values are noise).",
+        "Ratio = median step time with the instrumentation / median without, compared within each "
+        "interleaved round and then the median over rounds; added µs = the same for the difference "
+        "(negative values are noise: the machine's jitter is larger than the cost).",
         "",
         "## CPU: time",
         "",

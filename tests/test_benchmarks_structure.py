@@ -1,0 +1,171 @@
+"""Structural facts behind the overhead numbers (never timings), and a smoke run of the
+benchmark harness.
+
+The hot path must not walk the module tree while modes stay the same: these tests count
+calls to ``named_modules``/``modules`` on the watched model and ``ModeSnapshot`` builds
+across 100 training steps and evaluation forwards, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modeguard
+from modeguard import auto
+from modeguard.observe import snapshot as snapshot_module
+
+from benchmarks.instruments import all_instruments
+from benchmarks.workloads import MLP, deep_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Counter:
+    """Counts tree walks rooted at ``model`` and snapshot builds anywhere."""
+
+    def __init__(self, monkeypatch, model):
+        self.walks = 0
+        self.snapshots = 0
+        orig_named, orig_modules = nn.Module.named_modules, nn.Module.modules
+        orig_init = snapshot_module.ModeSnapshot.__init__
+        counter = self
+
+        def named_modules(self, *a, **k):
+            if self is model:
+                counter.walks += 1
+            return orig_named(self, *a, **k)
+
+        def modules(self):
+            if self is model:
+                counter.walks += 1
+            return orig_modules(self)
+
+        def init(self, *a, **k):
+            counter.snapshots += 1
+            return orig_init(self, *a, **k)
+
+        monkeypatch.setattr(nn.Module, "named_modules", named_modules)
+        monkeypatch.setattr(nn.Module, "modules", modules)
+        monkeypatch.setattr(snapshot_module.ModeSnapshot, "__init__", init)
+
+    def reset(self):
+        self.walks = self.snapshots = 0
+
+
+_LOSS = nn.CrossEntropyLoss()  # one instance: a new loss module would be a new root in auto mode
+
+
+def _loop(model, opt, x, y, steps, loss_fn=_LOSS):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def _setup(depth=None):
+    torch.manual_seed(0)
+    if depth is None:
+        model, x = MLP(), torch.randn(8, 64)
+        y = torch.randint(0, 10, (8,))
+    else:
+        model, x = deep_stack(depth), torch.randn(4, 16)
+        y = torch.randint(0, 16, (4,))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), x, y
+
+
+@pytest.mark.parametrize("mode", ["watch", "auto"])
+@pytest.mark.parametrize("depth", [None, 20])
+def test_unchanged_modes_never_walk_the_model(monkeypatch, mode, depth):
+    model, opt, x, y = _setup(depth)
+    guard = modeguard.watch(model, opt, on_violation="raise") if mode == "watch" else auto.start(on_violation="raise")
+    try:
+        counter = _Counter(monkeypatch, model)
+        model.train()
+        _loop(model, opt, x, y, 3)  # warm-up: the first forward after a mode change rescans
+        counter.reset()
+        _loop(model, opt, x, y, 100)
+        assert (counter.walks, counter.snapshots) == (0, 0)
+
+        model.eval()
+        with torch.inference_mode():
+            model(x)  # mode changed: exactly one rescan
+        assert counter.snapshots == 1
+        counter.reset()
+        with torch.inference_mode():
+            for _ in range(100):
+                model(x)
+        assert (counter.walks, counter.snapshots) == (0, 0)
+    finally:
+        guard.unwatch() if mode == "watch" else auto.stop()
+    assert guard.violations == []
+
+
+def test_counter_sees_a_walk(monkeypatch):
+    # The counter itself must be able to fail the test above.
+    model, *_ = _setup()
+    counter = _Counter(monkeypatch, model)
+    list(model.modules())
+    modeguard.guard.build_mode_map(model)
+    assert counter.walks >= 2 and counter.snapshots == 1
+
+
+def test_instruments_install_and_remove_cleanly():
+    from benchmarks.workloads import cpu_workloads
+
+    w = cpu_workloads(quick=True)[0]
+    orig_backward, orig_call = torch.Tensor.backward, nn.Module.__call__
+    for inst in all_instruments():
+        if inst.available() is not None:
+            continue
+        inst.install(w)
+        try:
+            for phase in ("train", "eval"):
+                w.set_phase(phase)
+                for _ in range(2):
+                    w.operation(phase)()
+        finally:
+            inst.uninstall(w)
+        assert torch.Tensor.backward is orig_backward and nn.Module.__call__ is orig_call
+        assert not w.model._forward_pre_hooks and not w.model._forward_hooks
+        assert all(not m._forward_pre_hooks for m in w.model.modules())
+        assert "forward" not in vars(w.model) and "step" not in vars(w.optimizer)
+        assert inst.violations() == 0, inst.key
+    assert not modeguard.observe.modes.is_patched()
+
+
+def test_quick_run_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out), "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] == torch.__version__
+    assert {"date", "cpu", "torch_threads"} <= set(data["meta"])
+    row = data["cpu"][0]
+    assert row["workload"] == "mlp"
+    for phase in ("train", "eval"):
+        cols = row["timing"][phase]
+        assert {"baseline", "watch", "auto", "naive"} <= set(cols)
+        assert cols["baseline"]["ratio"] == 1.0
+        assert all(c["median_us"] > 0 and c["n_samples"] > 0 for c in cols.values())
+    assert all(v == 0 for v in row["findings"].values())
+    sweep = data["scaling"]
+    assert [r["blocks"] for r in sweep] == [10, 30]
+    # Deterministic: the naive design adds calls per module, modeguard.watch does not.
+    naive = [r["columns"]["naive"]["added_calls"] for r in sweep]
+    watch = [r["columns"]["watch"]["added_calls"] for r in sweep]
+    assert naive[1] > naive[0] + 40
+    assert watch[1] == watch[0]
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in data["gpu"]
+    assert "| mlp (11 modules) | train step |" in md.read_text()
