@@ -179,6 +179,9 @@ class Guard:
         self._violations: List[Violation] = []
         self._by_key: dict = {}
         self.steps = 0
+        # Training seen before this guard (an earlier guard in the same process) must not
+        # count as this program's training: MG201 compares against this mark.
+        self.activity_at_start = ACTIVITY[0]
         self.active = self.config.on_violation is not OnViolation.OFF
         enabled = [r for code, r in RULES.items() if self.config.severities.get(code, r.severity) is not Severity.OFF]
         self._forward_rules = [r for r in enabled if overrides(r, "on_forward")]

@@ -17,7 +17,13 @@ STREAK_AUXILIARY = 8
 
 
 def _threshold(root) -> int:
-    return STREAK if root.backward_count or not ACTIVITY[0] else STREAK_AUXILIARY
+    if root.backward_count:
+        return STREAK
+    # The program trains if something trained since this guard was made, or if it was
+    # given an optimizer: a teacher's no_grad forwards come before the first backward.
+    guard = root.guard
+    trains = ACTIVITY[0] != guard.activity_at_start or bool(guard._opts)
+    return STREAK_AUXILIARY if trains else STREAK
 
 
 class EvalInTrainMode(Rule):
