@@ -1,0 +1,294 @@
+"""MG201 eval-in-train-mode: fires when the model is evaluated (no_grad/inference_mode,
+or grad-enabled forwards nobody backpropagates) with sensitive modules in train mode;
+quiet for update_bn, MC dropout, GAN and momentum-encoder forwards, allow() and
+siamese/triplet steps."""
+
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeguard
+from models import (
+    MLP, LATENT, MCDropoutNet, PlainMLP, SiameseNet, batch, gan, labels, sgd, train_step,
+)
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def here() -> int:
+    return inspect.currentframe().f_back.f_lineno
+
+
+def codes(guard, code="MG201"):
+    return [v for v in guard.violations if v.code == code]
+
+
+# ---- fires -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_evaluation_in_train_mode_fires_at_the_second_forward(no_grad):
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.train()
+        train_step(model, opt)
+        seen = []
+        with no_grad():
+            for seed in range(3):
+                line = here() + 1
+                model(batch(seed=seed))
+                seen.append(len(codes(guard)))
+        found = codes(guard)
+    assert seen == [0, 1, 1]  # quiet after one forward, reported once from the second on
+    assert len(found) == 1
+    v = found[0]
+    assert v.severity is modeguard.Severity.WARNING
+    assert v.location.file == __file__ and v.location.line == line
+    assert set(v.modules) == {"bn", "drop"}
+    assert v.count == 2  # the second and third forward
+    assert "model.eval()" in v.message
+
+
+def test_evaluating_an_untrained_model_in_train_mode_fires():
+    model = MLP()
+    with modeguard.watch(model, on_violation="record") as guard:
+        with torch.no_grad():
+            for seed in range(3):
+                model(batch(seed=seed))
+        assert len(codes(guard)) == 1
+
+
+def test_grad_enabled_forwards_never_backpropagated_fire():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.train()
+        train_step(model, opt)
+        lines = []
+        for seed in range(4):
+            lines.append(here() + 1)
+            score = model(batch(seed=seed)).sum().item()  # graph freed right here, unused
+            assert isinstance(score, float)
+        found = codes(guard)
+    assert len(found) == 1
+    assert found[0].location.file == __file__ and found[0].location.line == lines[0]
+    assert found[0].count >= 2
+    assert "no backward" in found[0].message
+
+
+def test_warn_points_at_the_evaluation_line():
+    model = MLP()
+    with modeguard.watch(model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                for seed in range(3):
+                    line = here() + 1
+                    model(batch(seed=seed))
+    ours = [w for w in caught if issubclass(w.category, modeguard.EvalInTrainModeWarning)]
+    assert len(ours) == 1
+    assert ours[0].filename == __file__ and ours[0].lineno == line
+
+
+def test_severity_override_to_error_raises():
+    model = MLP()
+    with modeguard.watch(model, on_violation="raise", rules={"MG201": "error", "MG401": "off"}) as guard:
+        with torch.no_grad():
+            model(batch(seed=0))
+            with pytest.raises(modeguard.EvalInTrainModeError):
+                model(batch(seed=1))
+        assert [v.severity for v in codes(guard)] == [modeguard.Severity.ERROR]
+
+
+def test_rule_off_is_silent():
+    model = MLP()
+    with modeguard.watch(model, on_violation="record", rules={"MG201": "off"}) as guard:
+        with torch.no_grad():
+            for seed in range(4):
+                model(batch(seed=seed))
+        assert guard.violations == []
+
+
+def test_fires_again_after_an_allow_block_ends():
+    model = MLP()
+    with modeguard.watch(model, on_violation="record") as guard:
+        with modeguard.allow("MG201"), torch.no_grad():
+            for seed in range(3):
+                model(batch(seed=seed))
+        assert codes(guard) == []
+        with torch.no_grad():
+            for seed in range(3):
+                model(batch(seed=seed))
+        assert len(codes(guard)) == 1
+
+
+# ---- stays quiet -------------------------------------------------------------------------
+
+
+def test_quiet_when_evaluation_is_in_eval_mode():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(3):
+            model.train()
+            train_step(model, opt)
+            model.eval()
+            with torch.no_grad():
+                for seed in range(3):
+                    model(batch(seed=seed))
+        assert guard.violations == []
+
+
+def test_quiet_for_swa_update_bn():
+    model = MLP()
+    opt = sgd(model)
+    loader = [batch(seed=s) for s in range(5)]
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        swa = torch.optim.swa_utils.AveragedModel(model)
+        torch.optim.swa_utils.update_bn(loader, model)
+        torch.optim.swa_utils.update_bn(loader, swa)
+        assert guard.violations == []
+
+
+def test_quiet_for_monte_carlo_dropout():
+    model = MCDropoutNet()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        model.enable_mc_dropout()
+        assert not model.bn.training and model.drop1.training
+        with torch.no_grad():
+            samples = torch.stack([model(batch(seed=9)) for _ in range(10)])
+        assert samples.std(0).sum() > 0  # dropout really was random
+        assert guard.violations == []
+
+
+def test_quiet_for_a_gan_single_no_grad_fake_batch_between_steps():
+    G, D = gan()
+    opt_g, opt_d = sgd(G, 0.01), sgd(D, 0.01)
+    real = batch(seed=5)
+    guard = modeguard.watch(G, opt_g, on_violation="record")
+    guard.watch_model(D)
+    guard.watch_optimizer(opt_d)
+    with guard:
+        for step in range(6):
+            z = torch.randn(16, LATENT)
+            # Discriminator step on a fake batch made without a graph.
+            with torch.no_grad():
+                fake = G(z)
+            opt_d.zero_grad()
+            (F.softplus(-D(real)).mean() + F.softplus(D(fake)).mean()).backward()
+            opt_d.step()
+            # Generator step.
+            opt_g.zero_grad()
+            F.softplus(-D(G(z))).mean().backward()
+            opt_g.step()
+            # Discriminator step, the other common spelling: a graph cut by detach().
+            fake = G(torch.randn(16, LATENT)).detach()
+            opt_d.zero_grad()
+            F.softplus(D(fake)).mean().backward()
+            opt_d.step()
+        assert guard.violations == []
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_quiet_for_a_momentum_encoder_under_no_grad_between_steps(views):
+    student = MLP()
+    opt = sgd(student)
+    teacher = copy.deepcopy(student)  # EMA teacher / MoCo key encoder, kept in train mode
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    guard = modeguard.watch(student, opt, on_violation="record")
+    guard.watch_model(teacher)
+    with guard:
+        for step in range(10):
+            x = batch(seed=step)
+            with torch.no_grad():
+                targets = [teacher(x + 0.01 * v) for v in range(views)]
+            opt.zero_grad()
+            sum(F.mse_loss(student(x), t) for t in targets).backward()
+            opt.step()
+            with torch.no_grad():
+                for ps, pt in zip(student.parameters(), teacher.parameters()):
+                    pt.mul_(0.9).add_(ps, alpha=0.1)
+        assert guard.violations == []
+
+
+def test_quiet_under_allow_context_manager():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        with modeguard.allow("MG201"):
+            with torch.no_grad():
+                for seed in range(4):
+                    model(batch(seed=seed))
+            for seed in range(4):
+                model(batch(seed=seed)).sum().item()
+        assert codes(guard) == []
+
+
+@modeguard.allow("MG201")
+def _noisy_predictions(model, n=5):
+    with torch.no_grad():
+        return [model(batch(seed=s)) for s in range(n)]
+
+
+def test_quiet_under_allow_decorator():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        assert len(_noisy_predictions(model)) == 5
+        _noisy_predictions(model)
+        assert codes(guard) == []
+
+
+@pytest.mark.parametrize("arms", [2, 3], ids=["siamese", "triplet"])
+def test_quiet_for_siamese_and_triplet_steps(arms):
+    model = SiameseNet()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(5):
+            xs = [batch(seed=10 * step + k) for k in range(arms)]
+            opt.zero_grad()
+            embs = [model(x) for x in xs]
+            if arms == 2:
+                loss = F.mse_loss(embs[0], embs[1])
+            else:
+                loss = F.triplet_margin_loss(*embs)
+            loss.backward()
+            opt.step()
+        assert guard.violations == []
+
+
+def test_quiet_for_a_model_without_sensitive_modules():
+    model = PlainMLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        with torch.no_grad():
+            for seed in range(5):
+                model(batch(seed=seed))
+        for seed in range(5):
+            model(batch(seed=seed)).sum().item()
+        assert [v for v in guard.violations if v.code in ("MG101", "MG201")] == []
+
+
+def test_quiet_for_one_monitoring_forward_per_step():
+    # Logging a no_grad prediction once per step (train accuracy) is not an evaluation.
+    model = MLP()
+    opt = sgd(model)
+    x, y = batch(), labels()
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(5):
+            train_step(model, opt, x, y)
+            with torch.no_grad():
+                model(x).argmax(1)
+        assert guard.violations == []
