@@ -1,0 +1,155 @@
+"""MG401 eval-graph-unused: an info when an eval-mode forward with grad enabled builds a
+graph that is freed without a backward; quiet when a backward does use it (FGSM,
+saliency maps) and under no_grad/inference_mode."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeguard
+from models import MLP, PlainMLP, batch, labels, sgd, train_step
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def here() -> int:
+    return inspect.currentframe().f_back.f_lineno
+
+
+def codes(guard, code="MG401"):
+    return [v for v in guard.violations if v.code == code]
+
+
+# ---- fires -----------------------------------------------------------------------------
+
+
+def test_eval_forward_with_grad_enabled_is_an_info_at_the_forward_line():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        model.eval()
+        for seed in range(3):
+            line = here() + 1
+            acc = (model(batch(seed=seed)).argmax(1) == labels()).float().mean().item()
+            assert 0.0 <= acc <= 1.0
+        found = codes(guard)
+    assert len(found) == 1
+    v = found[0]
+    assert v.severity is modeguard.Severity.INFO
+    assert v.location.file == __file__ and v.location.line == line
+    assert v.count == 3
+    assert "torch.no_grad()" in v.message
+    assert [x for x in guard.violations if x.code != "MG401"] == []
+
+
+def test_fires_for_a_model_without_sensitive_modules_too():
+    # Wasted memory does not depend on dropout or BatchNorm.
+    model = PlainMLP().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        model(batch()).sum().item()
+        assert [(v.code, v.severity) for v in guard.violations] == [("MG401", modeguard.Severity.INFO)]
+
+
+def test_warn_mode_gives_an_info_warning_at_the_users_line():
+    model = MLP().eval()
+    with modeguard.watch(model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = here() + 1
+            model(batch()).sum().item()
+            with torch.no_grad():
+                model(batch(seed=1))  # any later hook call hands the freed graph to the rule
+    ours = [w for w in caught if issubclass(w.category, modeguard.EvalGraphUnusedInfo)]
+    assert len(ours) == 1
+    assert issubclass(ours[0].category, modeguard.ModeGuardInfo)
+    assert ours[0].filename == __file__ and ours[0].lineno == line
+
+
+def test_raise_mode_does_not_raise_for_an_info():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="raise") as guard:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            for seed in range(3):
+                model(batch(seed=seed)).sum().item()
+        assert [v.code for v in guard.violations] == ["MG401"]
+
+
+def test_rule_can_be_turned_off_or_raised_to_warning():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="record", rules={"MG401": "off"}) as guard:
+        model(batch()).sum().item()
+        assert guard.violations == []
+    with modeguard.watch(model, on_violation="record", rules={"MG401": "warning"}) as guard:
+        model(batch()).sum().item()
+        assert [v.severity for v in guard.violations] == [modeguard.Severity.WARNING]
+
+
+# ---- stays quiet -------------------------------------------------------------------------
+
+
+def test_quiet_for_fgsm_adversarial_examples_in_eval_mode():
+    model = MLP()
+    opt = sgd(model)
+    y = labels()
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        model.eval()
+        for seed in range(3):
+            x = batch(seed=seed).requires_grad_(True)
+            F.cross_entropy(model(x), y).backward()
+            x_adv = (x + 0.1 * x.grad.sign()).detach()
+            with torch.no_grad():
+                model(x_adv)
+        assert guard.violations == []
+
+
+def test_quiet_for_saliency_maps_with_autograd_grad():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        for seed in range(3):
+            x = batch(seed=seed).requires_grad_(True)
+            score = model(x).max(1).values.sum()
+            (saliency,) = torch.autograd.grad(score, x)
+            assert saliency.abs().sum() > 0
+        assert guard.violations == []
+
+
+def test_quiet_for_a_graph_used_through_one_of_several_outputs():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        x = batch().requires_grad_(True)
+        out = model(x)
+        logits, probs = out, out.softmax(1)
+        torch.autograd.grad(probs[:, 0].sum(), x)
+        del logits, probs, out
+        assert guard.violations == []
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_quiet_under_no_grad(no_grad):
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        model.eval()
+        with no_grad():
+            for seed in range(4):
+                model(batch(seed=seed))
+        model.train()
+        train_step(model, opt)
+        assert guard.violations == []
+
+
+def test_quiet_under_allow():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        with modeguard.allow("MG401"):
+            model(batch()).sum().item()
+        with torch.no_grad():
+            model(batch())  # a later call drains the freed graph, outside allow()
+        assert codes(guard) == []

@@ -1,0 +1,182 @@
+"""MG602 step-without-backward: fires for optimizer.step() with no backward into its
+parameters since its previous step; quiet for gradient accumulation, LBFGS closures
+and two optimizers sharing one backward."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeguard
+from models import MLP, batch, labels, sgd, train_step
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def here() -> int:
+    return inspect.currentframe().f_back.f_lineno
+
+
+def codes(guard, code="MG602"):
+    return [v for v in guard.violations if v.code == code]
+
+
+def _loss(model, seed=0):
+    return F.cross_entropy(model(batch(seed=seed)), labels(seed=seed))
+
+
+# ---- fires -----------------------------------------------------------------------------
+
+
+def test_second_step_after_one_backward_fires_at_its_line():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+        assert codes(guard) == []
+        line = here() + 1
+        opt.step()  # the same gradients applied again
+        found = codes(guard)
+    assert len(found) == 1
+    v = found[0]
+    assert v.severity is modeguard.Severity.WARNING
+    assert v.location.file == __file__ and v.location.line == line
+    assert v.first_step == 1
+    assert "backward" in v.message
+
+
+def test_a_branch_that_skips_backward_fires_once_with_a_count():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(12):
+            opt.zero_grad()
+            loss = _loss(model, seed=step)
+            if step % 3 != 2:  # a skipped branch on every third step
+                loss.backward()
+            opt.step()
+        found = codes(guard)
+    assert len(found) == 1
+    assert found[0].count == 4
+
+
+def test_warns_at_the_users_step_line():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt):
+        train_step(model, opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = here() + 1
+            opt.step()
+    ours = [w for w in caught if issubclass(w.category, modeguard.StepWithoutBackwardWarning)]
+    assert len(ours) == 1 and ours[0].filename == __file__ and ours[0].lineno == line
+
+
+def test_raise_prevents_the_repeated_update():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="raise"):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(modeguard.StepWithoutBackwardError):
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_a_backward_into_another_model_does_not_count():
+    model, other = MLP(), MLP()
+    opt = sgd(model)
+    guard = modeguard.watch(model, opt, on_violation="record")
+    guard.watch_model(other)
+    with guard:
+        train_step(model, opt)
+        _loss(other).backward()
+        opt.step()
+        assert len(codes(guard)) == 1
+
+
+# ---- stays quiet -------------------------------------------------------------------------
+
+
+def test_quiet_for_gradient_accumulation():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(3):
+            opt.zero_grad()
+            for micro in range(4):
+                (_loss(model, seed=4 * step + micro) / 4).backward()
+            opt.step()
+        assert guard.violations == []
+
+
+def test_quiet_for_lbfgs_with_a_closure():
+    model = MLP()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model)
+        loss.backward()
+        return loss
+
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(3):
+            opt.step(closure)
+        assert guard.violations == []
+
+
+def test_quiet_for_sgd_step_with_a_closure_keyword():
+    model = MLP()
+    opt = sgd(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model)
+        loss.backward()
+        return loss
+
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(3):
+            opt.step(closure=closure)
+        assert guard.violations == []
+
+
+def test_quiet_for_two_optimizers_after_one_backward():
+    model = MLP()
+    head = list(model.fc2.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("fc2.")]
+    opt_body = torch.optim.SGD(body, lr=0.1)
+    opt_head = torch.optim.Adam(head, lr=0.01)
+    with modeguard.watch(model, opt_body, opt_head, on_violation="record") as guard:
+        for step in range(4):
+            opt_body.zero_grad()
+            opt_head.zero_grad()
+            _loss(model, seed=step).backward()
+            opt_body.step()
+            opt_head.step()
+        assert guard.violations == []
+
+
+def test_quiet_for_an_optimizer_that_steps_less_often():
+    # A slow optimizer (e.g. stepped every other batch) still saw backwards since its
+    # previous step.
+    model = MLP()
+    opt_body = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("fc2.")], lr=0.1)
+    opt_head = torch.optim.SGD(model.fc2.parameters(), lr=0.1)
+    with modeguard.watch(model, opt_body, opt_head, on_violation="record") as guard:
+        for step in range(6):
+            _loss(model, seed=step).backward()
+            opt_head.step()
+            if step % 2:
+                opt_body.step()
+                opt_body.zero_grad()
+            opt_head.zero_grad()
+        assert guard.violations == []

@@ -1,0 +1,244 @@
+"""Which modules count as mode-sensitive: Dropout and BatchNorm families by type (with
+the cases where train and eval compute the same thing), attention and RNN dropout,
+custom forwards that read self.training, and register_sensitive. A model without any
+sensitive module never gets MG101/MG201 above info."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modeguard
+from modeguard.observe import sensitivity
+from modeguard.observe.sensitivity import classify
+from modeguard.observe.snapshot import ModeSnapshot
+from models import (
+    MLP, FineTuneNet, HFStyleBlock, HFStyleModel, MCDropoutNet, PlainMLP, batch, sgd, train_step,
+)
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """register_sensitive has no inverse: give each test its own registry."""
+    monkeypatch.setattr(sensitivity, "_registered", dict(sensitivity._registered))
+    monkeypatch.setattr(sensitivity, "_predicates", list(sensitivity._predicates))
+
+
+# ---- classification ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, kind",
+    [
+        (nn.Dropout(0.5), "dropout"),
+        (nn.Dropout(0.0), None),
+        (nn.Dropout1d(0.2), "dropout"),
+        (nn.Dropout2d(0.2), "dropout"),
+        (nn.Dropout3d(0.0), None),
+        (nn.AlphaDropout(0.1), "dropout"),
+        (nn.FeatureAlphaDropout(0.1), "dropout"),
+        (nn.BatchNorm1d(4), "batchnorm"),
+        (nn.BatchNorm2d(4), "batchnorm"),
+        (nn.BatchNorm3d(4), "batchnorm"),
+        (nn.SyncBatchNorm(4), "batchnorm"),
+        (nn.BatchNorm1d(4, track_running_stats=False), None),
+        (nn.BatchNorm2d(4, affine=False), "batchnorm"),
+        (nn.InstanceNorm2d(4), None),
+        (nn.InstanceNorm1d(4, track_running_stats=True), "instancenorm"),
+        (nn.InstanceNorm2d(4, affine=True, track_running_stats=True), "instancenorm"),
+        (nn.MultiheadAttention(8, 2, dropout=0.1), "dropout"),
+        (nn.MultiheadAttention(8, 2), None),
+        (nn.LSTM(4, 4, num_layers=2, dropout=0.2), "dropout"),
+        (nn.GRU(4, 4, num_layers=2), None),
+        (nn.RReLU(), "custom"),
+        (nn.Linear(4, 4), None),
+        (nn.LayerNorm(4), None),
+        (nn.GroupNorm(2, 4), None),
+        (nn.ReLU(), None),
+        (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), None),  # its child is, not it
+        (nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), None),  # fast-path flag only
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_classify_by_type(module, kind):
+    assert classify(module) == kind
+
+
+def test_single_layer_rnn_dropout_does_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about this very thing
+        rnn = nn.LSTM(4, 4, num_layers=1, dropout=0.3)
+    assert classify(rnn) is None
+
+
+def test_transformer_layer_dropouts_are_sensitive_children():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1)
+    kinds = {name: classify(m) for name, m in layer.named_modules() if classify(m)}
+    assert kinds and set(kinds.values()) == {"dropout"}
+    assert "dropout1" in kinds and "self_attn" in kinds
+    no_drop = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    assert [n for n, m in no_drop.named_modules() if classify(m)] == []
+
+
+def test_hf_style_forward_reading_self_training_is_custom():
+    assert classify(HFStyleBlock(dropout=0.1)) == "custom"
+    assert classify(HFStyleModel(dropout=0.1)) is None  # the block is; the wrapper is not
+    assert classify(HFStyleBlock(dropout=0.0)) is None  # config with dropout 0.0
+
+
+def test_forward_reading_training_in_a_nested_function_is_custom():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            def noise(t):
+                return t + torch.randn_like(t) if self.training else t
+
+            return noise(x)
+
+    assert classify(Noisy()) == "custom"
+
+
+def test_hf_style_attributes_all_zero_is_not_sensitive():
+    class Attn(nn.Module):
+        def __init__(self, attention_dropout, hidden_dropout_prob):
+            super().__init__()
+            self.attention_dropout = attention_dropout
+            self.hidden_dropout_prob = hidden_dropout_prob
+
+        def forward(self, x):
+            x = F.dropout(x, p=self.attention_dropout, training=self.training)
+            return F.dropout(x, p=self.hidden_dropout_prob, training=self.training)
+
+    assert classify(Attn(0.0, 0.0)) is None
+    assert classify(Attn(0.0, 0.1)) == "custom"
+
+
+def test_register_sensitive_class_and_predicate(clean_registry):
+    class Stochastic(nn.Module):
+        def forward(self, x):
+            return x
+
+    class Tagged(nn.Module):
+        noisy = False
+
+        def forward(self, x):
+            return x
+
+    class SubStochastic(Stochastic):
+        pass
+
+    assert classify(Stochastic()) is None
+    modeguard.register_sensitive(Stochastic)
+    assert classify(Stochastic()) == "registered"
+    assert classify(SubStochastic()) == "registered"  # subclasses too
+
+    modeguard.register_sensitive(lambda m: getattr(m, "noisy", False), kind="noise")
+    t = Tagged()
+    assert classify(t) is None
+    t.noisy = True
+    assert classify(t) == "noise"
+    # Explicit registration wins over the built-in rules.
+    modeguard.register_sensitive(nn.LayerNorm, kind="layernorm")
+    assert classify(nn.LayerNorm(4)) == "layernorm"
+
+
+@pytest.mark.parametrize("bad", [int, "Dropout", 3])
+def test_register_sensitive_rejects_non_modules(clean_registry, bad):
+    with pytest.raises(TypeError, match="nn.Module"):
+        modeguard.register_sensitive(bad)
+
+
+def test_registered_module_in_eval_during_training_fires_mg101(clean_registry):
+    class Jitter(nn.Module):
+        def forward(self, x):  # reads no flag itself: only registration makes it count
+            return x
+
+    model = nn.Sequential(nn.Linear(8, 8), Jitter(), nn.Linear(8, 3))
+    opt = sgd(model)
+    modeguard.register_sensitive(Jitter, kind="jitter")
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        train_step(model, opt)
+        found = [v for v in guard.violations if v.code == "MG101"]
+    assert len(found) == 1 and found[0].modules == ["1"]
+
+
+# ---- snapshots and the mode map ---------------------------------------------------------
+
+
+def test_snapshot_states():
+    model = MCDropoutNet()
+    assert ModeSnapshot(model).state == "train"
+    model.eval()
+    assert ModeSnapshot(model).state == "eval"
+    model.enable_mc_dropout()
+    snap = ModeSnapshot(model)
+    assert snap.state == "mixed" and not snap.root_training
+    assert {e.name for e in snap.train_sensitive} == {"drop1", "drop2"}
+    assert ModeSnapshot(PlainMLP()).state == "none"
+
+
+def test_mode_map_marks_sensitive_and_frozen_modules():
+    model = FineTuneNet().freeze_backbone()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record", frozen=["backbone.*"]) as guard:
+        model.eval()
+        rows = {r["name"]: r for r in guard.mode_map().to_dict()["modules"]}
+    assert rows["backbone.bn"]["sensitive"] == "batchnorm" and rows["backbone.bn"]["frozen"]
+    assert rows["backbone.drop"]["sensitive"] == "dropout" and rows["backbone.drop"]["frozen"]
+    assert rows["fc"]["sensitive"] is None and not rows["fc"]["frozen"]
+    assert rows["backbone.bn"]["training"] is False
+    assert "eval()" in rows["backbone.bn"]["mode_set_at"]
+
+
+# ---- models without sensitive modules ------------------------------------------------------
+
+
+def _everything_wrong(model, opt):
+    """Every mode mistake there is, on a model where modes change nothing."""
+    model.eval()
+    for _ in range(3):
+        train_step(model, opt)
+    model.train()
+    with torch.no_grad():
+        for seed in range(4):
+            model(batch(seed=seed))
+    for seed in range(4):
+        model(batch(seed=seed)).sum().item()
+    model.eval()
+    for seed in range(4):
+        model(batch(seed=seed)).sum().item()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [PlainMLP, lambda: HFStyleModel(dropout=0.0), lambda: MLP(p=0.0).apply(_drop_bn)],
+    ids=["plain", "hf-dropout-0", "dropout-0-no-bn"],
+)
+def test_model_without_sensitive_modules_gets_no_mg101_or_mg201_above_info(make):
+    model = make()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _everything_wrong(model, opt)
+        loud = [v for v in guard.violations if v.code in ("MG101", "MG201") and v.severity > modeguard.Severity.INFO]
+    assert loud == []
+    # The model is checked at all: the wasted eval graphs are still reported (info).
+    assert "MG401" in {v.code for v in guard.violations}
+
+
+def test_the_same_mistakes_on_a_sensitive_model_are_loud():
+    # The contrast: _everything_wrong does trip MG101 and MG201 on a model with dropout.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _everything_wrong(model, opt)
+        assert {"MG101", "MG201"} <= {v.code for v in guard.violations}
+
+
+def _drop_bn(module):
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(module, name, nn.Identity())
