@@ -304,6 +304,9 @@ class Guard:
         if RELEASED:
             drain_released()
         roots = ost.roots(self)
+        # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
+        if args and args[0] is ost.ref():
+            args = args[1:]
         has_closure = (bool(args) and args[0] is not None) or kwargs.get("closure") is not None
         for rule in self._step_rules:
             rule.on_step(self, ost, roots, has_closure)
