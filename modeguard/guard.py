@@ -148,7 +148,9 @@ class OptimizerState:
             self._roots = [st for st in guard._roots.values() if st.active and not ids.isdisjoint(st.param_ids)]
             self._key = key
             for st in self._roots:
-                self.seen_backward.setdefault(st, st.backward_count)
+                # A pair first seen now (optimizer watched after backwards, or found at its
+                # first step in automatic mode): give the latest backward to this step.
+                self.seen_backward.setdefault(st, max(st.backward_count - 1, 0))
         return self._roots
 
 
