@@ -156,7 +156,13 @@ def _setattr_wrapper(wrapped, instance, args, kwargs):
         old = instance.__dict__.get("training")
         # `old is None` is construction (Module.__init__): not a mode change.
         if old is not None and old != args[1]:
-            _note_training(instance, args[1])
+            try:
+                _note_training(instance, args[1])
+            except TypeError:
+                # A module class with __eq__ and no __hash__ cannot key the weak site
+                # table: its mode change still counts (the epoch moved), its site is lost.
+                # Never break the user's eval()/train() over bookkeeping.
+                pass
     return wrapped(*args, **kwargs)
 
 
