@@ -5,47 +5,91 @@ This is a thin layer over one Guard. Optimizers are picked up through PyTorch's 
 optimizer step hooks. Modules have no global hook that is cheap enough: a global forward
 pre-hook pushes every submodule call onto torch's slow path (about +20% on a deep model),
 so ``nn.Module.__call__`` is patched instead, restorably, with a wrapper that costs one
-counter check for calls nested inside an already watched model. Modules without
-parameters or mode-sensitive children (a loss, an activation) are remembered and skipped.
+counter check for calls nested inside an already watched model.
+
+Each module is classified once, on its first outermost call, and remembered by id:
+
+- *skipped*: no parameters and no mode-sensitive children (a loss, an activation, a
+  torchvision transform). Calls pass straight through, and modules nested in it can
+  still become roots (a parameter-free wrapper that calls the real model).
+- *foreign*: watched explicitly by another guard (``modeguard.watch``). Its calls count as
+  outermost so its submodules do not become roots here as well.
+- *root*: watched by this guard. Its checks run from the wrapper itself, only when it is
+  called as the outermost module, never as a forward hook. So a submodule that is also
+  called directly (``model.encoder(x)`` from a feature monitor) is a root of its own for
+  those direct calls only: its checks stay silent while it runs inside ``model``, and no
+  problem is reported twice. And because roots carry no hooks, a ``copy.deepcopy`` of a
+  watched model (an EMA copy, a target network) copies nothing of modeguard's; the copy
+  becomes a separate root on its first call, like a teacher or a GAN's second network.
+
+Modules that are built and never called are never looked at.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.optim.optimizer as optimizer_module
 
+from ._exceptions import ModeGuardWarning
+from ._frames import user_frame
 from .guard import Guard, guard_of
 from .observe.snapshot import ModeSnapshot
 
-_depth = [0]  # > 0 while inside a watched model's call: nothing nested becomes a root
+_depth = [0]  # > 0 while inside an outermost (root or foreign) call: nothing nested is a root
 _session: Optional["AutoSession"] = None
+
+_SKIP = "skip"
+_FOREIGN = "foreign"
+
+
+class _Root:
+    """The checks of one auto-discovered model, called by the ``__call__`` wrapper."""
+
+    __slots__ = ("pre", "post")
+
+    def __init__(self, pre, post):
+        self.pre = pre
+        self.post = post
 
 
 class AutoSession:
     def __init__(self, guard: Guard):
         self.guard = guard
-        self._ignored: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        # id(module) -> _SKIP | _FOREIGN | _Root. Keyed by id, not by the module, because
+        # a user module may define __eq__ and so be unhashable; a finalizer removes the
+        # entry when the module dies, before its id can be reused.
+        self._known: dict = {}
         self._orig_call = nn.Module.__call__
-        self._handles = []
+        self._handles: list = []
+        #: names of the models watched so far, in discovery order (kept after stop()).
+        self.root_names: List[str] = []
 
     def _install(self) -> None:
         session = self
         orig = self._orig_call
-        roots = self.guard._roots
-        ignored = self._ignored
+        known = self._known
 
         def __call__(self, *args, **kwargs):
-            if _depth[0] or self in ignored:
+            if _depth[0]:
                 return orig(self, *args, **kwargs)
-            if id(self) not in roots:
-                session._discover(self)
+            entry = known.get(id(self))
+            if entry is None:
+                entry = session._discover(self)
+            if entry is _SKIP:
+                return orig(self, *args, **kwargs)
             _depth[0] += 1
             try:
-                return orig(self, *args, **kwargs)
+                if entry is _FOREIGN:
+                    return orig(self, *args, **kwargs)
+                entry.pre(self, args)
+                output = orig(self, *args, **kwargs)
+                entry.post(self, args, output)
+                return output
             finally:
                 _depth[0] -= 1
 
@@ -56,15 +100,66 @@ class AutoSession:
             optimizer_module.register_optimizer_step_post_hook(self._step_post),
         ]
 
-    def _discover(self, module: nn.Module) -> None:
-        if guard_of(module) is not None or not self.guard.active:
-            self._ignored.add(module)  # watched explicitly by another guard, or closing
-            return
-        has_params = next(module.parameters(), None) is not None
-        if not has_params and not ModeSnapshot(module).entries:
-            self._ignored.add(module)
-            return
-        self.guard.watch_model(module)
+    # ---- discovery (slow path: once per module) -------------------------------------------
+
+    def _discover(self, module: nn.Module):
+        guard = self.guard
+        try:
+            if not guard.active:
+                entry = _SKIP
+            elif guard_of(module) not in (None, guard):
+                entry = _FOREIGN
+            elif next(module.parameters(), None) is None and not ModeSnapshot(module).entries:
+                entry = _SKIP
+            else:
+                entry = self._watch(module)
+        except Exception as exc:
+            # Watching must never break the user's program; this module goes unchecked.
+            warnings.warn(
+                f"modeguard: cannot watch {type(module).__name__} ({type(exc).__name__}: {exc}); "
+                f"its train/eval modes are not checked",
+                ModeGuardWarning, stacklevel=3,
+            )
+            entry = _SKIP
+        self._known[id(module)] = entry
+        weakref.finalize(module, self._known.pop, id(module), None)
+        return entry
+
+    def _watch(self, module: nn.Module) -> _Root:
+        guard = self.guard
+        guard.watch_model(module, name=self._name_for(module))
+        st = guard._roots[id(module)]
+        # The checks run from the __call__ wrapper, for outermost calls only; hooks on the
+        # module would also run when it is called inside another root (double reports).
+        for h in st.handles:
+            h.remove()
+        st.handles = []
+        self.root_names.append(st.name)
+        return _Root(guard._make_pre_hook(st), guard._make_post_hook(st))
+
+    def _name_for(self, module: nn.Module) -> str:
+        """``Net``; ``Net.encoder`` for a submodule of a watched model; ``Net (ema)`` with
+        the caller's variable name when another watched model has the same class."""
+        for st in list(self.guard._roots.values()):
+            parent = st.ref()
+            if parent is None or parent is module:
+                continue
+            for path, sub in parent.named_modules():
+                if sub is module and path:
+                    return f"{st.name}.{path}"
+        base = type(module).__name__
+        taken = {st.name for st in self.guard._roots.values()}
+        if base not in taken:
+            return base
+        var = _variable_name(module)
+        name = f"{base} ({var})" if var else base
+        k = 2
+        candidate = name
+        while candidate in taken:
+            candidate, k = f"{name}#{k}", k + 1
+        return candidate
+
+    # ---- optimizers ------------------------------------------------------------------
 
     def _ost(self, optimizer):
         ost = self.guard.optimizer_state(optimizer)
@@ -75,11 +170,17 @@ class AutoSession:
 
     def _step_pre(self, optimizer, args, kwargs):
         if self.guard.active:
-            self.guard.before_step(self._ost(optimizer), args, kwargs)
+            ost = self._ost(optimizer)
+            # An optimizer also passed to modeguard.watch() has its own step hooks on the
+            # same guard: checking the step here too would count it twice.
+            if ost is not None and not ost.handles:
+                self.guard.before_step(ost, args, kwargs)
 
     def _step_post(self, optimizer, args, kwargs):
         if self.guard.active:
-            self.guard.after_step(self._ost(optimizer))
+            ost = self.guard.optimizer_state(optimizer)
+            if ost is not None and not ost.handles:
+                self.guard.after_step(ost)
 
     def _uninstall(self) -> None:
         if nn.Module.__call__ is not self._orig_call:
@@ -87,6 +188,27 @@ class AutoSession:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._known.clear()
+        _depth[0] = 0
+
+
+def _variable_name(module: nn.Module) -> Optional[str]:
+    """The name the user's calling code has for ``module`` (slow path, for reports)."""
+    f = user_frame(2)
+    if f is None:
+        return None
+    for scope in (f.f_locals, f.f_globals):
+        for key, value in scope.items():
+            if value is module and not key.startswith("_"):
+                return key
+    self_obj = f.f_locals.get("self")
+    if self_obj is not None:
+        attrs = dict(getattr(self_obj, "__dict__", {}))
+        attrs.update(getattr(self_obj, "_modules", None) or {})
+        for key, value in attrs.items():
+            if value is module:
+                return f"self.{key}"
+    return None
 
 
 def start(on_violation: str = "warn", rules=None, frozen=None) -> Guard:
@@ -121,3 +243,8 @@ def current() -> Optional[Guard]:
 
 def active() -> bool:
     return _session is not None
+
+
+def watched_names() -> List[str]:
+    """Names of the models the active session has watched so far."""
+    return list(_session.root_names) if _session is not None else []
