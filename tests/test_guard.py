@@ -178,6 +178,31 @@ def test_watch_optimizer_later(net_opt):
     assert len(opt._optimizer_step_pre_hooks) == 0
 
 
+def test_watch_optimizer_after_a_backward_does_not_blame_its_first_step(net_opt):
+    model, opt = net_opt
+    with modeguard.watch(model, on_violation="record") as guard:
+        opt.zero_grad()
+        model(_x()).sum().backward()
+        guard.watch_optimizer(opt)
+        opt.step()
+        assert guard.violations == []
+        opt.step()  # now there really was no backward since the previous step
+        assert [v.code for v in guard.violations] == ["MG602"]
+
+
+def test_step_without_backward_through_watch_hooks(net_opt):
+    model, opt = net_opt
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _train_step(model, opt, _x())
+        assert guard.violations == []
+        line = inspect.currentframe().f_lineno + 1
+        opt.step()
+        (v,) = guard.violations
+        assert v.code == "MG602" and v.location.line == line
+        opt.step(lambda: None)  # a closure step does its own backward: not blamed
+        assert guard.violations[0].count == 1
+
+
 def test_several_optimizers_positional():
     torch.manual_seed(0)
     a, b = Net(), Net()
