@@ -226,6 +226,26 @@ def test_a_test_that_fails_on_its_own_keeps_its_failure_and_shows_the_report_bes
     result.stdout.fnmatch_lines(["*Captured modeguard call*", "*MG101 step-in-eval*"])
 
 
+def test_violations_after_the_test_body_fail_at_teardown(suite):
+    suite.makepyfile(test_fx='''
+        import pytest
+        from loops import make, train
+
+        @pytest.fixture
+        def trains_at_teardown(modeguard):
+            model, opt = make()
+            modeguard.watch(model, opt)
+            yield
+            train(model, opt, restore=False)
+
+        def test_body_is_clean(trains_at_teardown):
+            pass
+    ''')
+    result = suite.runpytest()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_body_is_clean*", "modeguard found 1 *", "*MG101 step-in-eval*"])
+
+
 # ---- --modeguard, ini and environment -----------------------------------------------
 
 def test_modeguard_option_fails_a_buggy_test_and_passes_clean_ones(pytester):
