@@ -194,6 +194,17 @@ def _getstate_wrapper(wrapped, instance, args, kwargs):
     return strip_hooks(wrapped(*args, **kwargs))
 
 
+def _module_reduce_ex(self, protocol):
+    # Subclasses that override __getstate__ without calling nn.Module's (nn.LSTM, user
+    # classes) bypass the patch above; every pickle and deepcopy goes through here.
+    rv = object.__reduce_ex__(self, protocol)
+    if isinstance(rv, tuple) and len(rv) > 2 and isinstance(rv[2], dict):
+        state = strip_hooks(rv[2])
+        if state is not rv[2]:
+            rv = rv[:2] + (state,) + rv[3:]
+    return rv
+
+
 def _on_structure_change(*_args):
     STRUCTURE_EPOCH[0] += 1
 
@@ -206,6 +217,7 @@ class _Patches:
         self._lock = threading.Lock()
         self._saved = []
         self._handles = []
+        self._added = []
 
     @property
     def active(self) -> bool:
@@ -234,6 +246,9 @@ class _Patches:
             original = nn.Module.__dict__[name]
             self._saved.append((name, original))
             setattr(nn.Module, name, wrapt.FunctionWrapper(original, wrapper))
+        if "__reduce_ex__" not in nn.Module.__dict__:
+            nn.Module.__reduce_ex__ = _module_reduce_ex
+            self._added = ["__reduce_ex__"]
         reg = nn.modules.module
         self._handles = [
             reg.register_module_module_registration_hook(_on_structure_change),
@@ -246,6 +261,10 @@ class _Patches:
         for name, original in reversed(self._saved):
             setattr(nn.Module, name, original)
         self._saved.clear()
+        for name in self._added:
+            if nn.Module.__dict__.get(name) is _module_reduce_ex:
+                delattr(nn.Module, name)
+        self._added = []
         for h in self._handles:
             h.remove()
         self._handles = []
