@@ -238,6 +238,30 @@ def test_serialising_while_watched(how):
         assert torch.equal(loaded(_x()), model(_x()))
 
 
+class OwnGetstate(Net):
+    """A class whose __getstate__ does not call nn.Module's (as nn.LSTM's does not)."""
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+
+@pytest.mark.parametrize("make", [OwnGetstate, lambda: nn.LSTM(4, 4, num_layers=2, dropout=0.2)], ids=["own-getstate", "lstm"])
+def test_copies_of_classes_with_their_own_getstate(make):
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = _x() if isinstance(model, Net) else _x().view(3, 2, 4)
+    with modeguard.watch(model, opt, on_violation="record"):
+        model.eval()
+        out = model(x)
+        (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
+        clone = copy.deepcopy(model)
+        assert _no_modeguard_hooks(clone) and guard_of(clone) is None
+        loaded = pickle.loads(pickle.dumps(model))
+        assert _no_modeguard_hooks(loaded)
+        assert not _no_modeguard_hooks(model)
+    assert "__reduce_ex__" not in nn.Module.__dict__
+
+
 def test_state_dict_round_trip_while_watched():
     model, other = Net(), Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
