@@ -153,3 +153,24 @@ def test_quiet_under_allow():
         with torch.no_grad():
             model(batch())  # a later call drains the freed graph, outside allow()
         assert codes(guard) == []
+
+
+@pytest.mark.parametrize(
+    "rules, expected",
+    [
+        (None, {("MG401", modeguard.Severity.INFO), ("MG201", modeguard.Severity.WARNING)}),
+        ({"MG401": "off", "MG201": "error"}, {("MG201", modeguard.Severity.ERROR)}),
+    ],
+    ids=["defaults", "overridden"],
+)
+def test_per_rule_overrides_change_and_turn_off_severities(rules, expected):
+    model = MLP()
+    with modeguard.watch(model, on_violation="record", rules=rules) as guard:
+        model.eval()
+        for seed in range(3):
+            model(batch(seed=seed)).sum().item()  # MG401
+        model.train()
+        with torch.no_grad():
+            for seed in range(3):
+                model(batch(seed=seed))  # MG201
+        assert {(v.code, v.severity) for v in guard.violations} == expected

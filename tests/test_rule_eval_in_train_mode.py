@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import modeguard
 from models import (
-    MLP, LATENT, MCDropoutNet, PlainMLP, SiameseNet, batch, gan, labels, sgd, train_step,
+    MLP, LATENT, HFStyleModel, MCDropoutNet, PlainMLP, SiameseNet, batch, gan, labels, sgd, train_step,
 )
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -125,6 +125,15 @@ def test_fires_again_after_an_allow_block_ends():
             for seed in range(3):
                 model(batch(seed=seed))
         assert len(codes(guard)) == 1
+
+
+def test_hf_style_dropout_in_train_mode_fires():
+    model = HFStyleModel(dropout=0.1)
+    with modeguard.watch(model, on_violation="record") as guard:
+        with torch.no_grad():
+            for seed in range(3):
+                model(batch(seed=seed))
+        assert [v.modules for v in codes(guard)] == [["block"]]
 
 
 # ---- stays quiet -------------------------------------------------------------------------
