@@ -72,7 +72,7 @@ def eval_in_train_mode(model, opt):
 '''
 
 AUTO_TESTS = '''
-from loops import make, train, eval_with_grad, eval_in_train_mode
+from pg_loops import make, train, eval_with_grad, eval_in_train_mode
 
 def test_clean():
     model, opt = make()
@@ -120,20 +120,20 @@ def clean_env(monkeypatch):
 
 @pytest.fixture
 def suite(pytester):
-    pytester.makepyfile(loops=LOOPS)
+    pytester.makepyfile(pg_loops=LOOPS)
     return pytester
 
 
 def _auto_suite(pytester):
-    pytester.makepyfile(loops=LOOPS, test_auto=AUTO_TESTS)
+    pytester.makepyfile(pg_loops=LOOPS, test_pg_auto=AUTO_TESTS)
     return pytester
 
 
 # ---- the fixture ----------------------------------------------------------------------
 
 def test_fixture_passes_a_clean_loop_and_fails_the_validate_bug_with_the_report(suite):
-    suite.makepyfile(test_fx='''
-        from loops import make, train
+    suite.makepyfile(test_pg_fx='''
+        from pg_loops import make, train
 
         def test_clean(modeguard):
             model, opt = make()
@@ -152,8 +152,8 @@ def test_fixture_passes_a_clean_loop_and_fails_the_validate_bug_with_the_report(
         "*_ test_validate_bug _*",
         "modeguard found 1 train/eval mode problem(s) at or above 'warning' in this test:",
         "*MG101 step-in-eval*error*",
-        "*where:*loops.py:*in train()",
-        "*mode set: Sequential.eval() at *loops.py:* in validate()",
+        "*where:*pg_loops.py:*in train()",
+        "*mode set: Sequential.eval() at *pg_loops.py:* in validate()",
         "*fix:*model.train()*",
     ])
     # The failure is the report, not a traceback into the plugin.
@@ -162,11 +162,11 @@ def test_fixture_passes_a_clean_loop_and_fails_the_validate_bug_with_the_report(
 
 
 def test_fixture_alone_patches_nothing_outside_its_test(suite):
-    suite.makepyfile(test_fx='''
+    suite.makepyfile(test_pg_fx='''
         import torch.nn as nn
         from modeguard import auto
         from modeguard.observe import modes
-        from loops import make
+        from pg_loops import make
 
         ORIGINAL_CALL = nn.Module.__call__
 
@@ -188,8 +188,8 @@ def test_fixture_alone_patches_nothing_outside_its_test(suite):
 
 
 def test_fixture_fail_on_can_be_changed_inside_the_test(suite):
-    suite.makepyfile(test_fx='''
-        from loops import make, eval_in_train_mode
+    suite.makepyfile(test_pg_fx='''
+        from pg_loops import make, eval_in_train_mode
 
         def test_warning_tolerated(modeguard):
             modeguard.fail_on = "error"
@@ -205,12 +205,12 @@ def test_fixture_fail_on_can_be_changed_inside_the_test(suite):
     ''')
     result = suite.runpytest()
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["FAILED test_fx.py::test_warning_fails - Failed: modeguard found 1*"])
+    result.stdout.fnmatch_lines(["FAILED test_pg_fx.py::test_warning_fails - Failed: modeguard found 1*"])
 
 
 def test_a_test_that_fails_on_its_own_keeps_its_failure_and_shows_the_report_beside_it(suite):
-    suite.makepyfile(test_fx='''
-        from loops import make, train
+    suite.makepyfile(test_pg_fx='''
+        from pg_loops import make, train
 
         def test_broken(modeguard):
             model, opt = make()
@@ -227,9 +227,9 @@ def test_a_test_that_fails_on_its_own_keeps_its_failure_and_shows_the_report_bes
 
 
 def test_violations_after_the_test_body_fail_at_teardown(suite):
-    suite.makepyfile(test_fx='''
+    suite.makepyfile(test_pg_fx='''
         import pytest
-        from loops import make, train
+        from pg_loops import make, train
 
         @pytest.fixture
         def trains_at_teardown(modeguard):
@@ -257,7 +257,7 @@ def test_modeguard_option_fails_a_buggy_test_and_passes_clean_ones(pytester):
         "*_ test_validate_bug _*",
         "modeguard found 1 train/eval mode problem(s)*",
         "*MG101 step-in-eval*",
-        "FAILED test_auto.py::test_validate_bug - Failed: modeguard found*",
+        "FAILED test_pg_auto.py::test_validate_bug - Failed: modeguard found*",
     ])
 
 
@@ -317,8 +317,8 @@ def test_fail_on_precedence_command_line_then_environment_then_ini(pytester, mon
     ],
 )
 def test_fail_on_levels(suite, level, outcomes):
-    suite.makepyfile(test_levels='''
-        from loops import make, train, eval_with_grad, eval_in_train_mode
+    suite.makepyfile(test_pg_levels='''
+        from pg_loops import make, train, eval_with_grad, eval_in_train_mode
 
         def test_info_only():
             model, _ = make()
@@ -343,12 +343,12 @@ def test_fail_on_levels(suite, level, outcomes):
     if level != "info":
         # Findings that did not fail a test are still listed at the end.
         assert "modeguard: findings below the fail-on level" in out
-        assert "test_levels.py::test_info_only: MG401 eval-graph-unused [info]" in out
+        assert "test_pg_levels.py::test_info_only: MG401 eval-graph-unused [info]" in out
 
 
 def test_info_findings_never_fail_by_default(suite):
-    suite.makepyfile(test_info='''
-        from loops import make, eval_with_grad
+    suite.makepyfile(test_pg_info='''
+        from pg_loops import make, eval_with_grad
 
         def test_info_only():
             model, _ = make()
@@ -373,8 +373,8 @@ def test_rules_option_changes_severities(pytester):
 
 
 def test_fixture_and_automatic_watching_together_report_once(suite):
-    suite.makepyfile(test_both='''
-        from loops import make, train
+    suite.makepyfile(test_pg_both='''
+        from pg_loops import make, train
 
         def test_watched_twice(modeguard):
             model, opt = make()
@@ -383,7 +383,7 @@ def test_fixture_and_automatic_watching_together_report_once(suite):
 
         def test_called_before_watch(modeguard):
             model, opt = make()
-            model(__import__("loops").data()[0])
+            model(__import__("pg_loops").data()[0])
             modeguard.watch(model, opt)
             train(model, opt, restore=False)
     ''')
@@ -413,9 +413,9 @@ def test_bad_settings_are_usage_errors(pytester, monkeypatch, args, env, message
 # ---- markers --------------------------------------------------------------------------
 
 def test_modeguard_marker_watches_one_test_without_the_option(suite):
-    suite.makepyfile(test_marks='''
+    suite.makepyfile(test_pg_marks='''
         import pytest
-        from loops import make, train, eval_in_train_mode
+        from pg_loops import make, train, eval_in_train_mode
 
         @pytest.mark.modeguard
         def test_marked():
@@ -449,10 +449,10 @@ def test_modeguard_marker_watches_one_test_without_the_option(suite):
 
 
 def test_no_modeguard_marker_turns_watching_off_for_one_test(suite):
-    suite.makepyfile(test_marks='''
+    suite.makepyfile(test_pg_marks='''
         import pytest
         from modeguard.observe import modes
-        from loops import make, train
+        from pg_loops import make, train
 
         @pytest.mark.no_modeguard
         def test_opted_out():
@@ -466,13 +466,13 @@ def test_no_modeguard_marker_turns_watching_off_for_one_test(suite):
     ''')
     result = suite.runpytest("--modeguard", "--strict-markers")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["FAILED test_marks.py::test_watched*"])
+    result.stdout.fnmatch_lines(["FAILED test_pg_marks.py::test_watched*"])
 
 
 def test_closest_marker_wins(suite):
-    suite.makepyfile(test_marks='''
+    suite.makepyfile(test_pg_marks='''
         import pytest
-        from loops import make, train
+        from pg_loops import make, train
 
         pytestmark = pytest.mark.modeguard
 
@@ -487,7 +487,7 @@ def test_closest_marker_wins(suite):
     ''')
     result = suite.runpytest()
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["FAILED test_marks.py::test_module_marker*"])
+    result.stdout.fnmatch_lines(["FAILED test_pg_marks.py::test_module_marker*"])
 
 
 def test_markers_are_registered_with_a_description(pytester):
@@ -499,7 +499,7 @@ def test_markers_are_registered_with_a_description(pytester):
 
 
 def test_bad_marker_arguments_fail_that_test_with_a_clear_message(suite):
-    suite.makepyfile(test_marks='''
+    suite.makepyfile(test_pg_marks='''
         import pytest
 
         @pytest.mark.modeguard(fail_on="sometimes")
@@ -528,7 +528,7 @@ def test_p_no_modeguard_removes_the_plugin(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*unrecognized arguments: --modeguard*"])
 
-    pytester.makepyfile(test_fx="def test_uses_fixture(modeguard):\n    pass\n")
-    result = pytester.runpytest("-p", "no:modeguard", "test_fx.py")
+    pytester.makepyfile(test_pg_fx="def test_uses_fixture(modeguard):\n    pass\n")
+    result = pytester.runpytest("-p", "no:modeguard", "test_pg_fx.py")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'modeguard' not found*"])
