@@ -332,6 +332,44 @@ def test_warn_points_at_the_users_step_line(net_opt):
         assert "model.train()" in str(w.message)
 
 
+def _lines_of(rec, category):
+    return [(w.filename, w.lineno) for w in rec if issubclass(w.category, category)]
+
+
+def test_every_rule_warns_at_the_users_line(net_opt):
+    model, opt = net_opt
+    for p in model.bn.parameters():
+        p.requires_grad_(False)
+    here = inspect.currentframe()
+    with modeguard.watch(model, opt) as guard, warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        model(_x()).sum().backward()
+        mg301 = here.f_lineno + 1
+        opt.step()
+        mg602 = here.f_lineno + 1
+        opt.step()
+        with torch.no_grad():
+            mg201 = here.f_lineno + 1
+            outs = [model(_x()) for _ in range(3)]
+        model.eval()
+        mg401 = here.f_lineno + 1
+        outs = [model(_x()) for _ in range(2)]
+        del outs
+        opt.zero_grad()
+        model(_x()).sum().backward()  # still in eval
+        mg101 = here.f_lineno + 1
+        opt.step()
+        assert {v.code for v in guard.violations} == {"MG101", "MG201", "MG301", "MG401", "MG602"}
+    # MG301 is checked at every step; its first report is at the first step.
+    mg301_lines = _lines_of(rec, modeguard.FrozenBNDriftWarning)
+    assert mg301_lines[0] == (__file__, mg301) and all(f == __file__ for f, _ in mg301_lines)
+    assert _lines_of(rec, modeguard.StepWithoutBackwardWarning) == [(__file__, mg602)]
+    assert _lines_of(rec, modeguard.EvalInTrainModeWarning) == [(__file__, mg201)]
+    assert _lines_of(rec, modeguard.EvalGraphUnusedInfo) == [(__file__, mg401)]
+    assert _lines_of(rec, modeguard.StepInEvalWarning) == [(__file__, mg101)]
+
+
 def test_warning_category_is_filterable(net_opt):
     model, opt = net_opt
     with modeguard.watch(model, opt) as guard:
