@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import modeguard
+from modeguard.rules import frozen_bn_drift
 from models import MLP, FineTuneNet, NormEvalNet, SmallCNN, batch, image_batch, sgd, train_step
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -76,13 +77,15 @@ def test_frozen_batchnorm2d_fires_and_warns_at_the_step_line():
     assert len(ours) == 1 and ours[0].filename == __file__ and ours[0].lineno == line
 
 
-def test_freezing_during_training_is_noticed():
-    # requires_grad has no hook: the flip is picked up by the periodic re-read.
+def test_freezing_during_training_is_noticed(monkeypatch):
+    # requires_grad has no hook: the flip is picked up by the periodic re-read (every
+    # REFRESH_EVERY steps; shortened here to keep the test fast).
+    monkeypatch.setattr(frozen_bn_drift, "REFRESH_EVERY", 8)
     model = MLP()
     opt = sgd(model)
     x = batch()
     with modeguard.watch(model, opt, on_violation="record") as guard:
-        for step in range(200):
+        for step in range(30):
             if step == 10:
                 for p in model.bn.parameters():
                     p.requires_grad_(False)

@@ -402,3 +402,35 @@ def test_quiet_after_an_eval_input_gradient_then_model_train():
         model.train()
         train_step(model, opt)
         assert guard.violations == []
+
+
+def test_quiet_under_allow_around_the_forward_or_the_step():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        opt.zero_grad()
+        with modeguard.allow("MG101"):
+            model(batch()).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        model(batch()).sum().backward()
+        with modeguard.allow("MG101"):
+            opt.step()
+        assert codes(guard) == []
+        train_step(model, opt)  # outside allow() the same mistake is reported
+        assert len(codes(guard)) == 1
+
+
+def test_unfreeze_takes_the_mark_back():
+    model = FineTuneNet()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        modeguard.frozen(model.backbone)
+        model.train()
+        model.backbone.eval()
+        train_step(model, opt)
+        assert codes(guard) == []
+        modeguard.unfreeze(model.backbone)
+        train_step(model, opt)
+        assert [set(v.modules) for v in codes(guard)] == [{"backbone.bn", "backbone.drop"}]
