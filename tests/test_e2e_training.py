@@ -398,3 +398,28 @@ def test_closure_optimizer_is_silent():
                 return loss
             opt.step(closure)
         assert codes(guard) == set()
+
+
+def test_swa_averaged_model_and_update_bn_are_silent():
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    x, y = make_data()
+    model = Classifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        swa = AveragedModel(model)  # deep-copies the watched model
+        assert all(not m._forward_pre_hooks for m in swa.modules())
+        for _ in range(2):
+            model.train()
+            for xb, yb in batches(x, y):
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+            swa.update_parameters(model)
+        with modeguard.watch(swa, on_violation="record") as swa_guard:
+            update_bn([xb for xb, _ in batches(x, y)], swa)  # BatchNorm statistics in train mode, on purpose
+            swa.eval()
+            with torch.no_grad():
+                swa(x)
+        assert codes(swa_guard) == set()
+        assert codes(guard) == set()
