@@ -35,7 +35,9 @@ class NotebookWatcher:
         # Every guard this session used, oldest first: `%modeguard off` ends a guard and
         # `on` starts a new one, but `%modeguard report` still covers the earlier cells.
         self.guards: list = []
-        self._started_by_us = False
+        # Guards this extension started; one started before `%load_ext` (auto.start() in
+        # the notebook) is used but left running at unload.
+        self._own: list = []
         # id(violation) -> (violation, its count when last shown); the violation is held so
         # that its id cannot be reused by another object.
         self._shown: dict = {}
@@ -43,7 +45,6 @@ class NotebookWatcher:
     # ---- lifecycle -------------------------------------------------------------------
 
     def load(self) -> None:
-        self._started_by_us = not auto.active()
         self._resume()
         self.shell.events.register("post_run_cell", self.post_run_cell)
         self.shell.register_magic_function(self.magic, magic_kind="line", magic_name="modeguard")
@@ -54,15 +55,15 @@ class NotebookWatcher:
         except ValueError:  # already gone: unloading must not fail halfway
             pass
         self.shell.magics_manager.magics["line"].pop("modeguard", None)
-        current = auto.current()
-        if current is not None and (self._started_by_us or current in self.guards):
+        if auto.current() is not None and auto.current() in self._own:
             auto.stop()
 
-    def _resume(self) -> Optional[object]:
+    def _resume(self):
         if auto.active():
             guard = auto.current()
         else:
             guard = auto.start(on_violation="record")
+            self._own.append(guard)
         if guard not in self.guards:
             self.guards.append(guard)
         return guard
@@ -129,6 +130,7 @@ class NotebookWatcher:
             for g in self.guards:
                 g.clear()
             self.guards = [g for g in self.guards if g.active]
+            self._own = [g for g in self._own if g.active]
             self._shown.clear()
             print("modeguard: forgot the violations found so far.")
         elif cmd == "modes" and len(args) == 1:

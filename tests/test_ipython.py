@@ -247,3 +247,13 @@ def test_unload_leaves_a_guard_the_user_made_alone(shell):
     finally:
         guard.unwatch()
     assert not modes.is_patched()
+
+
+def test_a_session_started_before_loading_is_used_and_left_running(shell):
+    guard = auto.start(on_violation="record")
+    load(shell)
+    assert auto.current() is guard
+    stdout, displays = run(shell, BUGGY)
+    assert len(displays) == 1 and "MG101" in displays[0]["text/plain"]
+    shell.run_line_magic("unload_ext", "modeguard")
+    assert auto.current() is guard and guard.active
