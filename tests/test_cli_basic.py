@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,13 +57,26 @@ def test_explain_unknown_code_exits_2(capsys):
     assert "unknown rule 'BAD'" in err and "MG101" in err
 
 
-def test_python_dash_m_rules_and_explain():
-    res = _run("rules")
-    assert res.returncode == 0, res.stderr
-    assert all(code in res.stdout for code in modeguard.RULES)
-    res = _run("explain", "MG101")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == modeguard.get_rule("MG101").explain().strip()
+def _run_module(monkeypatch, *args):
+    """``python -m modeguard ARGS`` in this interpreter (runs modeguard/__main__.py)."""
+    # runpy.run_module would go through pytest's import hook (modeguard is a plugin).
+    path = Path(modeguard.__file__).with_name("__main__.py")
+    monkeypatch.setattr(sys, "argv", ["modeguard", *args])
+    with pytest.raises(SystemExit) as exc:
+        exec(compile(path.read_text(), str(path), "exec"), {"__name__": "__main__", "__package__": "modeguard"})
+    return exc.value.code
+
+
+def test_dash_m_rules_and_explain(capsys, monkeypatch):
+    assert _run_module(monkeypatch, "rules") == 0
+    out = capsys.readouterr().out
+    assert all(code in out for code in modeguard.RULES)
+    assert _run_module(monkeypatch, "explain", "MG101") == 0
+    assert capsys.readouterr().out.strip() == modeguard.get_rule("MG101").explain().strip()
+
+
+def test_python_dash_m_explain_bad_exits_2():
+    """One real interpreter: the exit status reaches the shell."""
     res = _run("explain", "BAD")
     assert res.returncode == 2
     assert res.stdout == ""
