@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .rules import RULES, get_rule
+
+#: Exit status of ``modeguard run`` when a violation at or above ``--fail-on`` occurred.
+EXIT_VIOLATIONS = 3
+_FAIL_LEVELS = ("error", "warning", "never")
 
 
 def _cmd_rules(args) -> int:
@@ -33,6 +39,200 @@ def _cmd_demo(args) -> int:
     return demo_main()
 
 
+# ---- modeguard run -------------------------------------------------------------------
+
+# Options of `run` that take a value: splitting the command line must know them, because
+# everything from SCRIPT (or `-m MODULE`) on belongs to the program.
+_RUN_VALUE_OPTIONS = ("--fail-on", "--report-json", "--rules", "--on-violation")
+
+
+def _split_run_argv(tokens: List[str]) -> Tuple[List[str], Optional[str], Optional[str], List[str]]:
+    """``[OPTIONS] SCRIPT ARGS`` or ``[OPTIONS] -m MODULE ARGS`` -> (options, script,
+    module, args). Options after SCRIPT are the program's, as with ``python``."""
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t == "--":
+            rest = tokens[i + 1:]
+            return tokens[:i], (rest[0] if rest else None), None, rest[1:]
+        if t == "-m":
+            rest = tokens[i + 1:]
+            return tokens[:i], None, (rest[0] if rest else ""), rest[1:]
+        if t.startswith("-m") and not t.startswith("--"):
+            return tokens[:i], None, t[2:], tokens[i + 1:]
+        if t.startswith("-") and t != "-":
+            i += 2 if t in _RUN_VALUE_OPTIONS else 1
+            continue
+        return tokens[:i], t, None, tokens[i + 1:]
+    return tokens, None, None, []
+
+
+def _add_run_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "run",
+        help="run a script (or -m module) under modeguard, as `python SCRIPT.py ARGS` would",
+        usage="modeguard run [OPTIONS] SCRIPT.py [ARGS ...]\n       modeguard run [OPTIONS] -m MODULE [ARGS ...]",
+        description=(
+            "Run a Python program with every model it calls and every optimizer it steps watched, "
+            "then print a summary of the train/eval mode problems found to stderr."
+        ),
+        epilog=(
+            "Exit status: the program's own, or 3 if the program succeeded and a violation at or above "
+            "--fail-on occurred; 2 for bad usage. The MODEGUARD environment variable (off|warn|raise|record) "
+            "sets the action when --on-violation is not given; MODEGUARD=off turns checking off."
+        ),
+        allow_abbrev=False,  # `--fail X` must not be read as --fail-on: X could be the script
+    )
+    p.add_argument("--fail-on", choices=_FAIL_LEVELS, default="error",
+                   help="exit with status 3 when a violation at or above this severity occurred (default: error)")
+    p.add_argument("--report-json", metavar="PATH", help="write the full report as JSON (schema: modeguard.report.schema)")
+    p.add_argument("--rules", metavar="CODE=SEVERITY,...",
+                   help="per-rule severity: off, info, warning or error, e.g. MG401=off,MG201=error")
+    p.add_argument("--on-violation", choices=("warn", "raise", "record"), default=None,
+                   help="what happens when a rule fires while the program runs: record it for the summary "
+                        "(default), also warn at the line, or raise in the program")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table, not each problem's explanation")
+    # Shown in --help only; _split_run_argv takes these apart before argparse sees them.
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like `python -m`")
+    p.add_argument("script", nargs="?", metavar="SCRIPT.py", help="the program to run, followed by its own arguments")
+    p.set_defaults(func=_cmd_run)
+    return p
+
+
+def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.Namespace:
+    options, script, module, program_args = _split_run_argv(tokens)
+    args = parser.parse_args(options)  # unknown options and bad choices: argparse's exit 2
+    from ._config import parse_rule_overrides
+    from ._runner import ProgramNotFound, check_target
+
+    if module is None and script is None:
+        parser.error("the following arguments are required: SCRIPT.py (or -m MODULE)")
+    if module == "":
+        parser.error("argument -m: expected one argument")
+    try:
+        args.rule_overrides = parse_rule_overrides(args.rules) if args.rules else {}
+    except (ValueError, TypeError) as exc:
+        parser.error(f"argument --rules: {exc}")
+    if args.report_json:
+        folder = os.path.dirname(os.path.abspath(args.report_json))
+        if not os.path.isdir(folder):
+            parser.error(f"argument --report-json: folder {folder!r} does not exist")
+    try:
+        check_target(module or script, as_module=module is not None)
+    except ProgramNotFound as exc:
+        parser.error(str(exc))
+    args.module, args.script, args.program_args = module, script, program_args
+    return args
+
+
+def _fails(counts: dict, level: str) -> bool:
+    if level == "never":
+        return False
+    if level == "warning":
+        return counts["error"] + counts["warning"] > 0
+    return counts["error"] > 0
+
+
+def _cmd_run(args) -> int:
+    from . import auto
+    from ._config import OnViolation
+    from ._runner import run_program
+
+    label = f"-m {args.module}" if args.module else args.script
+    # Record by default, so the summary at the end is the one place to read; the
+    # MODEGUARD environment variable may still choose, unless --on-violation was given.
+    guard = auto.start(on_violation=args.on_violation or "record", rules=args.rule_overrides)
+    if guard.active and args.on_violation:
+        guard.config.on_violation = OnViolation.parse(args.on_violation)
+    try:
+        outcome = run_program(args.module or args.script, args.program_args, as_module=args.module is not None)
+    finally:
+        watched = auto.watched_names()
+        auto.stop()
+    report = guard.report()
+    counts = report.counts()
+    status = outcome.exit_status
+    if status == 0 and _fails(counts, args.fail_on):
+        status = EXIT_VIOLATIONS
+    _print_summary(report, label, watched, guard.active or bool(watched), outcome.exit_status, status, args)
+    if args.report_json:
+        try:
+            with open(args.report_json, "w", encoding="utf-8") as fh:
+                fh.write(report.to_json(script=label, exit_status=outcome.exit_status) + "\n")
+        except OSError as exc:
+            print(f"modeguard run: cannot write the JSON report: {exc}", file=sys.stderr)
+            return status or 2
+    return status
+
+
+def _print_summary(report, label, watched, checked, program_status, status, args) -> None:
+    """The end-of-run summary on stderr: a rich table on a terminal, plain text otherwise."""
+    try:
+        sys.stderr.flush()
+        stream = sys.stderr
+        if not checked:
+            print("modeguard: checking is off (MODEGUARD=off); nothing was checked.", file=stream)
+            return
+        counts = report.counts()
+        models = ", ".join(watched) if watched else "none (no model was called)"
+        found = (
+            f"{counts['error']} error, {counts['warning']} warning, {counts['info']} info"
+            if report.violations else "no train/eval mode problems"
+        )
+        head = f"modeguard: {found} in {label} (models watched: {models})"
+        tail = _status_line(program_status, status, args.fail_on)
+        if stream.isatty():
+            from rich.console import Console
+
+            console = Console(file=stream, highlight=False)
+            if report.violations:
+                table = report.table()
+                table.title = head
+                console.print(table)
+                if not args.quiet:
+                    for v in report.violations:
+                        console.print(v.message, markup=False, highlight=False)
+            else:
+                console.print(head, markup=False, style="green")
+            console.print(tail, markup=False, style="bold" if status != program_status else "")
+        else:
+            print(_plain_summary(report, head, args.quiet) + tail, file=stream)
+        stream.flush()
+    except Exception as exc:  # pragma: no cover - a broken stderr must not change the status
+        try:
+            print(f"modeguard: could not print the summary: {exc}", file=sys.__stderr__)
+        except Exception:
+            pass
+
+
+def _status_line(program_status: int, status: int, fail_on: str) -> str:
+    if status != program_status:
+        return f"modeguard: exit status {status}: violations at or above --fail-on {fail_on} (the program exited {program_status})."
+    return f"modeguard: exit status {status} (the program's own)."
+
+
+def _plain_summary(report, head: str, quiet: bool) -> str:
+    if not report.violations:
+        return head + "\n"
+    rows = [("code", "severity", "count", "model / modules", "where", "mode set at")]
+    for v in report.violations:
+        mods = v.model + (": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "") if v.modules else "")
+        site = v.mode_set_at
+        rows.append((
+            f"{v.code} {v.name}", v.severity.label, str(v.count), mods,
+            v.location.short() if v.location else "-",
+            f"{site.how} at {site.location.short()}" if site and site.location else (site.how if site else "-"),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head]
+    for r in rows:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    out = "\n".join(lines) + "\n"
+    if not quiet:
+        out += "\n" + "\n\n".join(v.message for v in report.violations) + "\n\n"
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeguard", description="Catch PyTorch train/eval mode bugs while your program runs.")
     from ._version import __version__
@@ -47,12 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_explain)
     p = sub.add_parser("demo", help="run the bundled training loop that has the classic bug")
     p.set_defaults(func=_cmd_demo)
+    parser._run_parser = _add_run_parser(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "run":
+        # The program's arguments may look like modeguard's own options: split first.
+        args = _parse_run(parser._run_parser, argv[1:])
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)
 
 
