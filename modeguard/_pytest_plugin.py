@@ -11,7 +11,7 @@ plugin only reads its options: it patches nothing and imports nothing heavy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import pytest
