@@ -94,20 +94,25 @@ class RootState:
         self.snapshot = ModeSnapshot(module, self.guard.frozen_patterns)
         self.probes_pending = bool(self.snapshot.needs_probe())
 
-    def install_probes(self) -> None:
+    def install_probes(self, root_args=()) -> None:
         """One-shot pre-hooks on parameter-free sensitive modules in eval, to learn in the
-        next grad-enabled forward whether their input requires grad (frozen extractor)."""
+        next grad-enabled forward whether their input requires grad (frozen extractor).
+        A module fed the model's own input (an input-layer Dropout) is never part of a
+        frozen extractor, whatever the data's requires_grad."""
         self.probes_pending = False
         snap = self.snapshot
+        inputs = {id(a) for a in root_args if isinstance(a, torch.Tensor)}
         for i, entry in snap.needs_probe():
             m = entry.ref()
             if m is None:
                 continue
             cell: list = []
 
-            def probe(mod, args, _i=i, _cell=cell, _snap=snap):
+            def probe(mod, args, _i=i, _cell=cell, _snap=snap, _inputs=inputs):
                 if torch.is_grad_enabled():
-                    _snap.probe[_i] = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                    _snap.probe[_i] = any(
+                        isinstance(a, torch.Tensor) and (a.requires_grad or id(a) in _inputs) for a in args
+                    )
                     if _cell:
                         _cell[0].remove()
 
@@ -268,7 +273,7 @@ class Guard:
                 st.rescan(module)
             grad = torch.is_grad_enabled()
             if st.probes_pending and grad:
-                st.install_probes()
+                st.install_probes(args)
             snap = st.snapshot
             for rule in forward_rules:
                 rule.on_forward(guard, st, snap, grad)
@@ -339,6 +344,12 @@ class Guard:
         found = self._by_key.get(key)
         if found is not None:
             found.count += 1
+            if sev <= found.severity:
+                return
+            # The same place got worse (some modules in eval, then the whole model): the
+            # user must hear about the escalation, and "raise" must raise.
+            found.severity, found.headline, found.modules = sev, headline, list(modules)
+            self._act(rule, found)
             return
         model = root.name + _rank_suffix()
         v = Violation.build(rule, sev, model, modules, location, mode_site, headline, self.steps)

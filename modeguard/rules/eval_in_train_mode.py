@@ -41,7 +41,7 @@ class EvalInTrainMode(Rule):
     """
     quiet_when = [
         "torch.optim.swa_utils.update_bn (it recomputes BatchNorm statistics in train mode on purpose)",
-        "Monte-Carlo dropout: the model is in eval and dropout modules were switched back to train one by one",
+        "Monte-Carlo dropout: the model is in eval and dropout modules were switched back to train one by one, or the model is in train with every norm layer put back in eval",
         "a single no_grad forward between training steps (GAN fake batches), or a few per step of a model that is not itself trained (MoCo/BYOL momentum encoders, EMA teachers, target networks)",
         "code under `with modeguard.allow(\"MG201\")`",
     ]
@@ -74,6 +74,10 @@ class EvalInTrainMode(Rule):
 
     def _fire(self, guard, root, snap, where, how, allowed):
         if stack_has_function({"update_bn"}, "swa_utils"):
+            return
+        if snap.eval_sensitive and all(e.kind == "dropout" for e in snap.train_sensitive):
+            # Monte-Carlo dropout spelled model.train() + norm layers put back in eval:
+            # only dropout is left stochastic, deliberately.
             return
         names = [e.name for e in snap.train_sensitive if not e.marked] or [e.name for e in snap.train_sensitive]
         guard.emit(
