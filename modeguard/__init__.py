@@ -3,34 +3,65 @@
     guard = modeguard.watch(model, optimizer)
 
 The public face only re-exports; the pieces live in observe/ (hooks), rules/ (checks),
-report/ (output) and one thin module per entry point.
+report/ (output) and one thin module per entry point. Names are loaded on first use
+(PEP 562), so that merely having modeguard installed (its pytest plugin is loaded by
+every pytest run) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from ._config import OnViolation, Severity
 from ._exceptions import ModeGuardError, ModeGuardInfo, ModeGuardWarning
 from ._version import __version__
-from .guard import Guard, watch
-from .markers import allow, frozen, unfreeze
-from .observe.modes import ModeSite
-from .observe.sensitivity import register_sensitive
-from .report import ModeMap, Report, Violation
-from .rules import RULES, Rule, get_rule
+
+_LAZY = {
+    "watch": ".guard",
+    "Guard": ".guard",
+    "frozen": ".markers",
+    "unfreeze": ".markers",
+    "allow": ".markers",
+    "register_sensitive": ".observe.sensitivity",
+    "ModeSite": ".observe.modes",
+    "Violation": ".report",
+    "Report": ".report",
+    "ModeMap": ".report",
+    "RULES": ".rules",
+    "Rule": ".rules",
+    "get_rule": ".rules",
+}
+_SUBMODULES = {"auto", "cli", "demo", "guard", "markers", "observe", "report", "rules", "testing"}
+_EAGER = [
+    "OnViolation", "Severity", "ModeGuardError", "ModeGuardInfo", "ModeGuardWarning", "__version__",
+]
 
 
-def _export_rule_classes(namespace: dict) -> list:
-    names = []
-    for rule in RULES.values():
-        for cls in (rule.Warning, rule.Info, rule.Error):
-            namespace[cls.__name__] = cls
-            names.append(cls.__name__)
-    return names
+def _rule_classes() -> dict:
+    """``StepInEvalWarning``, ``StepInEvalError``, ... made from the rule objects."""
+    from .rules import RULES
+
+    return {cls.__name__: cls for rule in RULES.values() for cls in (rule.Warning, rule.Info, rule.Error)}
 
 
-__all__ = [
-    "watch", "Guard", "frozen", "unfreeze", "allow", "register_sensitive",
-    "ModeGuardWarning", "ModeGuardInfo", "ModeGuardError", "Violation", "Report", "ModeMap", "ModeSite",
-    "Severity", "OnViolation", "RULES", "Rule", "get_rule", "__version__",
-] + _export_rule_classes(globals())
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name == "__all__":
+        value = [*_LAZY, *_EAGER, *_rule_classes()]
+    else:
+        classes = _rule_classes() if name[:1].isupper() else {}
+        if name not in classes:
+            raise AttributeError(f"module 'modeguard' has no attribute {name!r}")
+        value = classes[name]
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES | set(_rule_classes()))
 
 
 def load_ipython_extension(ipython):  # `%load_ext modeguard`

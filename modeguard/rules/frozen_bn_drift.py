@@ -31,8 +31,8 @@ class FrozenBNDrift(Rule):
     def on_step(self, guard, opt_state, roots, has_closure):
         for st in roots:
             rec = st.last_backprop
-            if rec is None:
-                continue
+            if rec is None or opt_state.seen_backward.get(st) == st.backward_count:
+                continue  # no new gradients from this model: nothing new to say
             snap = rec.snapshot
             st.steps_since_refresh += 1
             if st.steps_since_refresh >= max(REFRESH_EVERY, len(snap.entries)):
