@@ -73,9 +73,15 @@ class AutoSession:
         session = self
         orig = self._orig_call
         known = self._known
+        # Torch's own __call__ (_wrapped_call_impl) is two lines: nested calls (every
+        # submodule of a watched model) run them inline, so the patch costs them one
+        # counter check and no extra Python frame.
+        inline = orig is getattr(nn.Module, "_wrapped_call_impl", None)
 
         def __call__(self, *args, **kwargs):
             if _depth[0]:
+                if inline and self._compiled_call_impl is None:
+                    return self._call_impl(*args, **kwargs)
                 return orig(self, *args, **kwargs)
             entry = known.get(id(self))
             if entry is None:
