@@ -41,9 +41,23 @@ def machine_info(threads: int) -> dict:
         info["torcheck"] = torcheck.__version__
     except ImportError:
         info["torcheck"] = None
+    info["modeguard_commit"] = _git_commit()
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def _git_commit():
+    """HEAD of the checkout being measured, marked when modeguard/ has local changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "modeguard"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+local changes" if dirty else "")) or None
 
 
 def _cpu_name() -> str:

@@ -146,7 +146,7 @@ def markdown(result: dict) -> str:
         "",
         f"- date: {m['date']}; total run time {m.get('total_seconds', '?')} s",
         f"- machine: {m['cpu']} ({m['cpu_count']} cores), {m['platform']}; GPU: {m['cuda'] or 'none'}",
-        f"- torch {m['torch']}, Python {m['python']}, modeguard {m['modeguard']}, torcheck {m.get('torcheck') or 'not installed'}",
+        f"- torch {m['torch']}, Python {m['python']}, modeguard {m['modeguard']} (commit {m.get('modeguard_commit')}), torcheck {m.get('torcheck') or 'not installed'}",
         f"- settings: torch.set_num_threads({s['threads']}); {s['rounds']} interleaved rounds per workload, "
         f"{s['block_time_s']} s per timed block (torch.utils.benchmark.Timer.blocked_autorange); "
         f"CPU timer: {'process CPU time' if s['timer'] == 'cpu' else 'wall clock'}",
