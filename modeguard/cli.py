@@ -77,8 +77,8 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
             "then print a summary of the train/eval mode problems found to stderr."
         ),
         epilog=(
-            "Exit status: the program's own, or 3 if the program succeeded and a violation at or above "
-            "--fail-on occurred; 2 for bad usage. The MODEGUARD environment variable (off|warn|raise|record) "
+            "Exit status: 3 if a violation at or above --fail-on occurred, otherwise the program's own; "
+            "2 for bad usage. The MODEGUARD environment variable (off|warn|raise|record) "
             "sets the action when --on-violation is not given; MODEGUARD=off turns checking off."
         ),
         allow_abbrev=False,  # `--fail X` must not be read as --fail-on: X could be the script
@@ -151,9 +151,9 @@ def _cmd_run(args) -> int:
         auto.stop()
     report = guard.report()
     counts = report.counts()
-    status = outcome.exit_status
-    if status == 0 and _fails(counts, args.fail_on):
-        status = EXIT_VIOLATIONS
+    # Violations at or above --fail-on decide the status even when the program failed
+    # too (its traceback is already printed, and "exit_status" in the JSON keeps its own).
+    status = EXIT_VIOLATIONS if _fails(counts, args.fail_on) else outcome.exit_status
     _print_summary(report, label, watched, guard.active or bool(watched), outcome.exit_status, status, args)
     if args.report_json:
         try:

@@ -228,8 +228,9 @@ def test_on_violation_warn_shows_warnings_at_the_users_line(run):
 
 def test_on_violation_raise_stops_the_program_with_the_rule_error(run):
     status, out, err = run("--on-violation", "raise", BUG)
-    assert status == 1  # the program died of the raised error
+    assert status == 3  # the program died of the raised error: a violation, so 3
     assert "StepInEvalError" in err and "trained" not in out
+    assert "Traceback" in err  # the program's own traceback is still shown
     assert "MG101 step-in-eval" in err  # and the summary still lists it
 
 
