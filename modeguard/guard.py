@@ -158,6 +158,10 @@ class OptimizerState:
                 self.seen_backward.setdefault(st, max(st.backward_count - 1, 0))
         return self._roots
 
+    def has_new_gradients(self, st: "RootState") -> bool:
+        """Did a backward reach ``st``'s model since this optimizer's previous step?"""
+        return self.seen_backward.get(st, 0) != st.backward_count
+
 
 class Guard:
     """Watches models and optimizers for train/eval mode mistakes.

@@ -31,7 +31,7 @@ class FrozenBNDrift(Rule):
     def on_step(self, guard, opt_state, roots, has_closure):
         for st in roots:
             rec = st.last_backprop
-            if rec is None or opt_state.seen_backward.get(st) == st.backward_count:
+            if rec is None or not opt_state.has_new_gradients(st):
                 continue  # no new gradients from this model: nothing new to say
             snap = rec.snapshot
             st.steps_since_refresh += 1

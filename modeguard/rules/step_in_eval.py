@@ -32,7 +32,7 @@ class StepInEval(Rule):
             rec = st.last_backprop
             if rec is None or rec.snapshot.state in ("train", "none"):
                 continue  # the common case: O(1)
-            if opt_state.seen_backward.get(st) == st.backward_count:
+            if not opt_state.has_new_gradients(st):
                 continue  # no new gradients from this model since this optimizer's last step
             self._diagnose(guard, st, rec)
 

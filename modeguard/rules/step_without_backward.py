@@ -27,10 +27,8 @@ class StepWithoutBackward(Rule):
     def on_step(self, guard, opt_state, roots, has_closure):
         if has_closure or not roots:
             return
-        seen = opt_state.seen_backward
-        for st in roots:
-            if seen.get(st, 0) != st.backward_count:
-                return
+        if any(opt_state.has_new_gradients(st) for st in roots):
+            return
         guard.emit(
             self, severity=None, root=roots[0], where=None, modules=[], mode_site=None,
             headline="optimizer.step() ran, but no backward reached its parameters since its previous step",
