@@ -19,7 +19,7 @@ import torch
 import modeguard
 
 from . import harness, report, workloads
-from .instruments import Baseline, ModeguardAuto, ModeguardWatch, NaiveReference, all_instruments
+from .instruments import Baseline, BaselineAgain, ModeguardAuto, ModeguardWatch, NaiveReference, all_instruments
 
 
 def machine_info(threads: int) -> dict:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     if not args.no_scaling:
         depths = [10, 30] if args.quick else [10, 30, 100, 300, 1000]
         log("Scaling sweep: Linear+Dropout blocks")
-        sweep_inst = [Baseline(), ModeguardWatch(), ModeguardAuto(), NaiveReference()]
+        sweep_inst = [Baseline(), BaselineAgain(), ModeguardWatch(), ModeguardAuto(), NaiveReference()]
         result["scaling"] = harness.scaling(
             workloads.scaling_workload, depths, sweep_inst, rounds=2 if args.quick else 3,
             block_time=0.05 if args.quick else 0.25, threads=args.threads, timer=args.timer, log=log,

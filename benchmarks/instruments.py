@@ -41,6 +41,14 @@ class Baseline(Instrument):
     pass
 
 
+class BaselineAgain(Instrument):
+    """No instrumentation, timed as a column of its own: the A/A comparison shows the
+    noise floor of the run (any other column's difference within it is noise)."""
+
+    key = "again"
+    title = "no instrumentation, again (noise floor)"
+
+
 class ModeguardWatch(Instrument):
     key = "watch"
     title = "modeguard.watch(model, optimizer)"
@@ -151,4 +159,4 @@ class Torcheck(Instrument):
 
 
 def all_instruments() -> list:
-    return [Baseline(), ModeguardWatch(), ModeguardAuto(), NaiveReference(), Torcheck()]
+    return [Baseline(), BaselineAgain(), ModeguardWatch(), ModeguardAuto(), NaiveReference(), Torcheck()]

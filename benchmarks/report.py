@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import List
 
-ORDER = ["baseline", "watch", "auto", "naive", "torcheck"]
+ORDER = ["baseline", "again", "watch", "auto", "naive", "torcheck"]
 NAMES = {
     "baseline": "none",
+    "again": "none again (A/A)",
     "watch": "modeguard.watch",
     "auto": "modeguard run",
     "naive": "naive hooks",
