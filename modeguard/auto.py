@@ -103,7 +103,6 @@ class AutoSession:
         nn.Module.__call__ = __call__
         self._handles = [
             optimizer_module.register_optimizer_step_pre_hook(self._step_pre),
-            optimizer_module.register_optimizer_step_post_hook(self._step_post),
         ]
 
     # ---- discovery (slow path: once per module) -------------------------------------------
@@ -181,12 +180,6 @@ class AutoSession:
             # same guard: checking the step here too would count it twice.
             if ost is not None and not ost.handles:
                 self.guard.before_step(ost, args, kwargs)
-
-    def _step_post(self, optimizer, args, kwargs):
-        if self.guard.active:
-            ost = self.guard.optimizer_state(optimizer)
-            if ost is not None and not ost.handles:
-                self.guard.after_step(ost)
 
     def _uninstall(self) -> None:
         if nn.Module.__call__ is not self._orig_call:

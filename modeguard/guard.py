@@ -147,7 +147,9 @@ class OptimizerState:
         """The watched models this optimizer updates; recomputed only when its param
         groups, the model structure or the set of roots changed."""
         opt = self.ref()
-        key = (len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups), STRUCTURE_EPOCH[0], guard._roots_version)
+        # Cheap to compare every step: add_param_group() and structure changes move it.
+        key = (len(opt.param_groups), len(opt.param_groups[0]["params"]) if opt.param_groups else 0,
+               STRUCTURE_EPOCH[0], guard._roots_version)
         if key != self._key:
             ids = {id(p) for g in opt.param_groups for p in g["params"]}
             self._roots = [st for st in guard._roots.values() if st.active and not ids.isdisjoint(st.param_ids)]
@@ -240,10 +242,7 @@ class Guard:
             return self
         ost = OptimizerState(optimizer)
         if _hooks:
-            ost.handles = [
-                optimizer.register_step_pre_hook(self._make_step_pre_hook(ost)),
-                optimizer.register_step_post_hook(self._make_step_post_hook(ost)),
-            ]
+            ost.handles = [optimizer.register_step_pre_hook(self._make_step_pre_hook(ost))]
         self._opts[id(optimizer)] = ost
         self._finalizers.append(weakref.finalize(optimizer, self._opts.pop, id(optimizer), None))
         if _check_params and self._roots and not ost.roots(self):
@@ -305,12 +304,6 @@ class Guard:
 
         return modeguard_step_pre_hook
 
-    def _make_step_post_hook(self, ost: OptimizerState):
-        def modeguard_step_post_hook(optimizer, args, kwargs):
-            self.after_step(ost)
-
-        return modeguard_step_post_hook
-
     def before_step(self, ost: OptimizerState, args, kwargs) -> None:
         if RELEASED:
             drain_released()
@@ -321,10 +314,12 @@ class Guard:
         has_closure = (bool(args) and args[0] is not None) or kwargs.get("closure") is not None
         for rule in self._step_rules:
             rule.on_step(self, ost, roots, has_closure)
-
-    def after_step(self, ost: OptimizerState) -> None:
-        for st in ost.roots(self):
-            ost.seen_backward[st] = st.backward_count
+        # The step goes ahead (a rule that raises stops it before this point). Marking
+        # here rather than in a post-hook saves a hook call per step; a closure's own
+        # backward (LBFGS) then counts towards the next step, which MG602 skips anyway.
+        seen = ost.seen_backward
+        for st in roots:
+            seen[st] = st.backward_count
         self.steps += 1
         ACTIVITY[0] += 1
 
