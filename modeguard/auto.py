@@ -136,6 +136,8 @@ class AutoSession:
         st = guard._roots[id(module)]
         # The checks run from the __call__ wrapper, for outermost calls only; hooks on the
         # module would also run when it is called inside another root (double reports).
+        st.hooked = False  # the wrapper calls pre and post itself, on outermost calls
+        st.disarm()
         for h in st.handles:
             h.remove()
         st.handles = []

@@ -62,7 +62,7 @@ class RootState:
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
         "backward_count", "last_backprop", "prev_forward_activity",
         "nograd_streak", "nograd_mark", "unused_streak", "unused_mark", "steps_since_refresh",
-        "handles", "probe_handles", "probes_pending", "active", "__weakref__",
+        "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
     )
 
     def __init__(self, guard: "Guard", module: nn.Module, name: str):
@@ -81,7 +81,25 @@ class RootState:
         self.probe_handles: list = []
         self.probes_pending = False
         self.active = True
+        self.hooked = False      # True when the model carries our hooks (watch(), not auto)
+        self.pre_handle = None   # the one-shot pre-hook, while armed
         self.rescan(module)
+
+    def arm(self) -> None:
+        """A mode or the structure changed: before the next forward, rebuild the snapshot
+        and install probes. The pre-hook exists only until then, because any forward
+        pre-hook sends every call of the model down PyTorch's slower hook path."""
+        if self.pre_handle is None and self.hooked and self.active:
+            m = self.ref()
+            if m is not None:
+                self.pre_handle = m.register_forward_pre_hook(
+                    _mark(self.guard._make_pre_hook(self)), prepend=True
+                )
+
+    def disarm(self) -> None:
+        if self.pre_handle is not None:
+            self.pre_handle.remove()
+            self.pre_handle = None
 
     def rescan(self, module: nn.Module) -> None:
         """Slow path: a mode or the structure changed somewhere."""
@@ -202,6 +220,7 @@ class Guard:
         self._step_rules = [r for r in enabled if overrides(r, "on_step")]
         if self.active:
             PATCHES.acquire()
+            modes.ON_EPOCH.append(self._arm_roots)
             if frozen_modules:
                 sensitivity.mark_frozen(frozen_modules)
         self._frozen_modules = weakref.WeakSet(frozen_modules)
@@ -223,10 +242,9 @@ class Guard:
             while name in taken:
                 name, k = f"{type(model).__name__}#{k}", k + 1
         st = RootState(self, model, name)
-        st.handles = [
-            model.register_forward_pre_hook(_mark(self._make_pre_hook(st)), prepend=True),
-            model.register_forward_hook(_mark(self._make_post_hook(st))),
-        ]
+        st.handles = [model.register_forward_hook(_mark(self._make_post_hook(st)))]
+        st.hooked = True
+        st.arm()
         self._roots[id(model)] = st
         self._roots_version += 1
         _GUARDS[model] = self
@@ -254,6 +272,11 @@ class Guard:
             )
         return self
 
+    def _arm_roots(self) -> None:
+        for st in self._roots.values():
+            if st.pre_handle is None and st.hooked:
+                st.arm()
+
     def optimizer_state(self, optimizer) -> Optional[OptimizerState]:
         return self._opts.get(id(optimizer))
 
@@ -266,30 +289,36 @@ class Guard:
     # ---- hooks (hot path) ---------------------------------------------------------------
 
     def _make_pre_hook(self, st: RootState):
-        forward_rules = self._forward_rules
-        guard = self
+        """Before a forward, only when armed (watch()) or on every outermost call (auto):
+        catch up with mode changes, and place the probes that must see this forward."""
 
         def modeguard_forward_pre_hook(module, args):
-            if RELEASED:
-                drain_released()
             if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
                 st.rescan(module)
-            grad = torch.is_grad_enabled()
-            if st.probes_pending and grad:
+            if st.probes_pending and torch.is_grad_enabled():
                 st.install_probes(args)
-            snap = st.snapshot
-            for rule in forward_rules:
-                rule.on_forward(guard, st, snap, grad)
+            if not st.probes_pending:
+                st.disarm()
 
         return modeguard_forward_pre_hook
 
     def _make_post_hook(self, st: RootState):
+        forward_rules = self._forward_rules
+        guard = self
+
         def modeguard_forward_hook(module, args, output):
+            if RELEASED:
+                drain_released()
+            if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
+                st.rescan(module)  # changed during the forward itself
+            grad = torch.is_grad_enabled()
+            snap = st.snapshot
+            for rule in forward_rules:
+                rule.on_forward(guard, st, snap, grad)
             act = ACTIVITY[0]
-            if torch.is_grad_enabled():
+            if grad:
                 nodes = output_grad_fns(output)
                 if nodes:
-                    snap = st.snapshot
                     # The user's line is needed only if this forward may turn out to be
                     # evaluation: eval mode, or no backward/step since the previous one.
                     where = user_code_line(1) if (not snap.root_training or act == st.prev_forward_activity) else None
@@ -410,6 +439,7 @@ class Guard:
             drain_released()
         for st in self._roots.values():
             st.active = False
+            st.disarm()
             for h in st.handles + st.probe_handles:
                 h.remove()
             st.handles, st.probe_handles, st.last_backprop, st.snapshot = [], [], None, None
@@ -422,6 +452,8 @@ class Guard:
             for h in ost.handles:
                 h.remove()
         self._opts.clear()
+        if self._arm_roots in modes.ON_EPOCH:
+            modes.ON_EPOCH.remove(self._arm_roots)
         for fin in self._finalizers:
             fin.detach()
         self._finalizers.clear()

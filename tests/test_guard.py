@@ -495,3 +495,31 @@ def test_same_violation_reported_once_with_count(net_opt):
         (v,) = guard.violations
         assert v.count == 5
         assert v.first_step == 0
+
+
+def test_a_model_in_steady_training_carries_one_hook_and_mode_changes_arm_a_one_shot_pre_hook():
+    from modeguard.observe import modes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = modeguard.watch(model, opt, on_violation="record")
+    try:
+        def step():
+            opt.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+
+        step()
+        assert len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 1
+        model.eval()  # a mode change arms the pre-hook that rebuilds the snapshot
+        assert len(model._forward_pre_hooks) == 1
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        assert len(model._forward_pre_hooks) == 0  # disarmed after one forward
+        model.train()
+        step()
+        assert len(model._forward_pre_hooks) == 0
+    finally:
+        guard.unwatch()
+    assert guard._arm_roots not in modes.ON_EPOCH
+    assert len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 0

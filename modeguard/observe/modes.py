@@ -69,8 +69,19 @@ def last_set(module: nn.Module) -> Optional[ModeSite]:
     return _sites.get(module)
 
 
+#: Called with no arguments after either epoch moves: guards use it to arm the one-shot
+#: pre-hooks that rebuild their snapshots before the next forward.
+ON_EPOCH: list = []
+
+
+def _epoch_moved() -> None:
+    for callback in ON_EPOCH:
+        callback()
+
+
 def bump_mode_epoch() -> None:
     MODE_EPOCH[0] += 1
+    _epoch_moved()
 
 
 def _train_stack() -> list:
@@ -133,6 +144,7 @@ def _train_call_location(depth: int) -> Optional[Location]:
 def _note_training(module: nn.Module, value) -> None:
     """Slow path, run only when a module's flag really changes."""
     MODE_EPOCH[0] += 1
+    _epoch_moved()
     value = bool(value)
     override = _override_site(value)
     if override is not None:
@@ -207,6 +219,7 @@ def _module_reduce_ex(self, protocol):
 
 def _on_structure_change(*_args):
     STRUCTURE_EPOCH[0] += 1
+    _epoch_moved()
 
 
 class _Patches:
