@@ -2,10 +2,11 @@
 
 After a grad-enabled forward of a watched model, the distinct ``grad_fn`` nodes of its
 outputs get a backward pre-hook (PyTorch's ``Node.register_prehook``) that marks the
-forward's record as used, and a small sentinel in ``node.metadata``. When the graph is
-freed the sentinel dies; if nothing backpropagated through it, the record goes on a queue
-that the next hook call drains. Nodes are not weak-referenceable, and holding tensors
-would keep activations alive, so this is how a graph's fate is learnt without owning it.
+forward's record as used. The graph owns that hook object and drops it when the graph is
+freed, so the hook doubles as the sentinel: when it dies and nothing backpropagated
+through it, the record goes on a queue that the next hook call drains. Nodes are not
+weak-referenceable, and holding tensors would keep activations alive, so this is how a
+graph's fate is learnt without owning it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ ACTIVITY = [0]
 RELEASED: deque = deque()
 
 _MAX_NODES = 16
-_META_KEY = "modeguard"
 
 
 class ForwardRecord:
@@ -38,11 +38,20 @@ class ForwardRecord:
         self.used = False
 
 
-class _GraphSentinel:
-    __slots__ = ("record",)
+class _GraphWatch:
+    """The backward pre-hook on a forward's output nodes, and its graph's sentinel."""
 
-    def __init__(self, record):
+    __slots__ = ("record", "on_backward")
+
+    def __init__(self, record, on_backward):
         self.record = record
+        self.on_backward = on_backward
+
+    def __call__(self, grad_outputs):
+        rec = self.record
+        if not rec.used:
+            rec.used = True
+            self.on_backward(rec)
 
     def __del__(self):
         # Runs wherever the graph happens to be freed: only enqueue.
@@ -77,13 +86,6 @@ def output_grad_fns(output) -> list:
 
 def attach(record: ForwardRecord, nodes: list, on_backward) -> None:
     """Watch the graph rooted at ``nodes`` on behalf of ``record``."""
-    sentinel = _GraphSentinel(record)
-
-    def prehook(grad_outputs):
-        if not record.used:
-            record.used = True
-            on_backward(record)
-
+    watch = _GraphWatch(record, on_backward)
     for node in nodes:
-        node.metadata[_META_KEY] = sentinel
-        node.register_prehook(prehook)
+        node.register_prehook(watch)
