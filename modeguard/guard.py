@@ -25,7 +25,7 @@ from .markers import ALLOWED
 from .observe import modes, sensitivity
 from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, attach, output_grad_fns
 from .observe.modes import HOOK_MARK, MODE_EPOCH, STRUCTURE_EPOCH, PATCHES
-from .observe.snapshot import ModeSnapshot
+from .observe.snapshot import ModeSnapshot, walk_marked
 from .report import ModeMap, Report, Violation
 from .rules import RULES
 from .rules._base import overrides
@@ -274,8 +274,7 @@ class Guard:
 
     def _arm_roots(self) -> None:
         for st in self._roots.values():
-            if st.pre_handle is None and st.hooked:
-                st.arm()
+            st.arm()
 
     def optimizer_state(self, optimizer) -> Optional[OptimizerState]:
         return self._opts.get(id(optimizer))
@@ -500,25 +499,15 @@ def _rank_suffix() -> str:
 
 
 def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> ModeMap:
-    snap = {e.name: e for e in ModeSnapshot(model, frozen_patterns).entries}
     rows = []
-    marked_names = set()  # frozen marks cover everything under the marked module
-    for name, m in model.named_modules():
-        e = snap.get(name or "(root)")
+    for name, m, marked in walk_marked(model, frozen_patterns):
         site = modes.last_set(m)
-        own = sensitivity.params_frozen(m, recurse=False)
-        parent = name.rpartition(".")[0] if name else None
-        marked = bool(e and e.marked) or sensitivity.is_marked_frozen(m) or (parent in marked_names) or (
-            name != "" and sensitivity.matches_any(name, frozen_patterns)
-        )
-        if marked:
-            marked_names.add(name)
         rows.append({
             "name": name,
             "type": type(m).__name__,
             "training": m.training,
-            "sensitive": e.kind if e else None,
-            "frozen": bool(marked or own is True),
+            "sensitive": sensitivity.classify(m),
+            "frozen": marked or sensitivity.params_frozen(m, recurse=False) is True,
             "mode_set_at": site.describe() if site else None,
         })
     return ModeMap(type(model).__name__, rows)

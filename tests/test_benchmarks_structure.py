@@ -121,7 +121,7 @@ def test_counter_sees_a_walk(monkeypatch):
     model, *_ = _setup()
     counter = _Counter(monkeypatch, model)
     list(model.modules())
-    modeguard.guard.build_mode_map(model)
+    snapshot_module.ModeSnapshot(model)
     assert counter.walks >= 2 and counter.snapshots == 1
 
 

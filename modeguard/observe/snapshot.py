@@ -43,6 +43,23 @@ class SensitiveEntry:
             self.own_frozen = sensitivity.params_frozen(m, recurse=not self.is_bn)
 
 
+def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
+    """``(name, module, marked)`` for every module of ``root``: marked when it, or a module
+    above it, is marked with ``modeguard.frozen`` or matches a ``frozen=`` pattern."""
+    patterns = tuple(frozen_patterns)
+    marked_names = set()
+    for name, m in root.named_modules(remove_duplicate=True):
+        parent = name.rpartition(".")[0] if name else None
+        marked = (
+            sensitivity.is_marked_frozen(m)
+            or (parent is not None and parent in marked_names)
+            or (name != "" and bool(patterns) and sensitivity.matches_any(name, patterns))
+        )
+        if marked:
+            marked_names.add(name)
+        yield name, m, marked
+
+
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
@@ -50,20 +67,10 @@ class ModeSnapshot:
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
-        patterns = tuple(frozen_patterns)
         entries = []
-        marked_names = set()
         n = 0
-        for name, m in root.named_modules(remove_duplicate=True):
+        for name, m, marked in walk_marked(root, frozen_patterns):
             n += 1
-            parent = name.rpartition(".")[0] if name else None
-            marked = (
-                sensitivity.is_marked_frozen(m)
-                or (parent is not None and parent in marked_names)
-                or (name != "" and bool(patterns) and sensitivity.matches_any(name, patterns))
-            )
-            if marked:
-                marked_names.add(name)
             kind = sensitivity.classify(m)
             if kind is not None:
                 entries.append(SensitiveEntry(name, m, kind, marked))
