@@ -181,7 +181,7 @@ class AutoSession:
             # An optimizer also passed to modeguard.watch() has its own step hooks on the
             # same guard: checking the step here too would count it twice.
             if ost is not None and not ost.handles:
-                self.guard.before_step(ost, args, kwargs)
+                self.guard.before_step(ost, optimizer, args, kwargs)
 
     def _uninstall(self) -> None:
         if nn.Module.__call__ is not self._orig_call:

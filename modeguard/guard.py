@@ -3,14 +3,20 @@ hooks observe into rule events.
 
 Hot path (every forward and step): compare two epoch counters, read the cached
 ModeSnapshot, call the few rules that subscribe to the event; each decides in O(1)
-whether to look closer. Slow path (a mode changed, a rule fired): walk the model, build
+whether to look closer. An ordinary training forward (every mode-sensitive module in
+train mode, one forward per step) is presumed to be backpropagated and costs a few
+attribute writes; only forwards that can be wrong (eval or mixed modes, a second forward
+with no backward or step in between) and a random sample of the ordinary ones are
+followed into the autograd graph, which costs a Python callback inside backward. Slow path (a mode changed, a rule fired): walk the model, build
 the message, find the user's line. The automatic mode of ``modeguard run`` is this same
 Guard with roots and optimizers added as they are discovered.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import warnings
 import weakref
 from typing import Iterable, List, Optional, Sequence
@@ -23,7 +29,7 @@ from ._exceptions import ModeGuardWarning
 from ._frames import Location, to_location, user_code_line, user_location
 from .markers import ALLOWED
 from .observe import modes, sensitivity
-from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, attach, output_grad_fns
+from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, PresumedForward, attach, output_grad_fns
 from .observe.modes import HOOK_MARK, MODE_EPOCH, STRUCTURE_EPOCH, PATCHES
 from .observe.snapshot import ModeSnapshot, walk_marked
 from .report import ModeMap, Report, Violation
@@ -31,6 +37,13 @@ from .rules import RULES
 from .rules._base import overrides
 
 _GUARDS: "weakref.WeakKeyDictionary[nn.Module, Guard]" = weakref.WeakKeyDictionary()
+
+#: One ordinary training forward in this many (on average, at random so no periodic
+#: pattern in the user's loop can hide from it) is followed into its autograd graph to
+#: confirm a backward reached the model. The others are presumed backpropagated, which
+#: matters only to MG602: a backward skipped after a training forward is caught on a
+#: followed step. ``watch(..., backward_sample=1)`` follows every forward.
+BACKWARD_SAMPLE = 16
 
 
 def guard_of(module: nn.Module) -> Optional["Guard"]:
@@ -61,7 +74,8 @@ class RootState:
     __slots__ = (
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
         "backward_count", "last_backprop", "prev_forward_activity",
-        "nograd_streak", "nograd_mark", "unused_streak", "unused_mark", "steps_since_refresh",
+        "fwd_seq", "evidence", "presumed", "source", "trained", "countdown",
+        "nograd_streak", "nograd_mark", "nograd_seq", "unused_streak", "unused_mark", "steps_since_refresh",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
     )
 
@@ -72,11 +86,22 @@ class RootState:
         self.epoch = self.struct_epoch = -1
         self.snapshot: Optional[ModeSnapshot] = None
         self.param_ids = frozenset()
-        self.backward_count = 0
+        self.backward_count = 0   # backwards seen through followed forwards
         self.last_backprop: Optional[ForwardRecord] = None
         self.prev_forward_activity = -1
+        self.fwd_seq = 0          # grad-enabled forwards so far
+        # Backwards seen plus training forwards presumed backpropagated: an optimizer
+        # step compares it with its value at the previous step (MG602, has_new_gradients).
+        self.evidence = 0
+        self.presumed = PresumedForward()
+        # The forward whose gradients a step would now apply: the later of the last
+        # forward seen backpropagated and the last presumed one (a ForwardRecord or the
+        # PresumedForward; both have ``snapshot``, ``allowed`` and ``seq``), or None.
+        self.source = None
+        self.trained = False      # a backward or an optimizer step reached this model
+        self.countdown = 0        # ordinary forwards left before the next followed one
         self.nograd_streak = self.unused_streak = self.steps_since_refresh = 0
-        self.nograd_mark = self.unused_mark = -1
+        self.nograd_mark = self.unused_mark = self.nograd_seq = -1
         self.handles: list = []
         self.probe_handles: list = []
         self.probes_pending = False
@@ -140,7 +165,11 @@ class RootState:
 
     def on_backward(self, record: ForwardRecord) -> None:
         self.backward_count += 1
+        self.evidence += 1
+        self.trained = True
         self.last_backprop = record
+        if record.seq > self.presumed.seq:
+            self.source = record
         ACTIVITY[0] += 1
 
     def root_site(self):
@@ -152,35 +181,40 @@ class RootState:
 
 
 class OptimizerState:
-    __slots__ = ("ref", "handles", "seen_backward", "_roots", "_key", "__weakref__")
+    __slots__ = ("ref", "handles", "seen", "_roots", "_ngroups", "_nfirst", "_struct", "_version", "__weakref__")
 
     def __init__(self, optimizer):
         self.ref = weakref.ref(optimizer)
         self.handles: list = []
-        self.seen_backward: "weakref.WeakKeyDictionary[RootState, int]" = weakref.WeakKeyDictionary()
+        # RootState -> its ``evidence`` at this optimizer's previous step. A plain dict
+        # (pruned with the roots): RootStates hold their models only weakly.
+        self.seen: dict = {}
         self._roots: list = []
-        self._key = None
+        self._ngroups = self._nfirst = self._struct = self._version = -1
 
     def roots(self, guard: "Guard") -> list:
         """The watched models this optimizer updates; recomputed only when its param
         groups, the model structure or the set of roots changed."""
-        opt = self.ref()
-        # Cheap to compare every step: add_param_group() and structure changes move it.
-        key = (len(opt.param_groups), len(opt.param_groups[0]["params"]) if opt.param_groups else 0,
-               STRUCTURE_EPOCH[0], guard._roots_version)
-        if key != self._key:
-            ids = {id(p) for g in opt.param_groups for p in g["params"]}
+        groups = self.ref().param_groups
+        # Cheap to compare every step: add_param_group() and structure changes move these.
+        nfirst = len(groups[0]["params"]) if groups else 0
+        if (len(groups) != self._ngroups or nfirst != self._nfirst
+                or STRUCTURE_EPOCH[0] != self._struct or guard._roots_version != self._version):
+            ids = {id(p) for g in groups for p in g["params"]}
             self._roots = [st for st in guard._roots.values() if st.active and not ids.isdisjoint(st.param_ids)]
-            self._key = key
+            self._ngroups, self._nfirst = len(groups), nfirst
+            self._struct, self._version = STRUCTURE_EPOCH[0], guard._roots_version
+            self.seen = {st: n for st, n in self.seen.items() if st in self._roots}
             for st in self._roots:
                 # A pair first seen now (optimizer watched after backwards, or found at its
                 # first step in automatic mode): give the latest backward to this step.
-                self.seen_backward.setdefault(st, max(st.backward_count - 1, 0))
+                self.seen.setdefault(st, max(st.evidence - 1, 0))
         return self._roots
 
     def has_new_gradients(self, st: "RootState") -> bool:
-        """Did a backward reach ``st``'s model since this optimizer's previous step?"""
-        return self.seen_backward.get(st, 0) != st.backward_count
+        """Did a backward reach ``st``'s model (or a training forward that is presumed
+        backpropagated run) since this optimizer's previous step?"""
+        return self.seen.get(st, 0) != st.evidence
 
 
 class Guard:
@@ -190,7 +224,7 @@ class Guard:
     :meth:`unwatch` to remove every hook and patch it installed.
     """
 
-    def __init__(self, on_violation="warn", rules=None, frozen=None):
+    def __init__(self, on_violation="warn", rules=None, frozen=None, backward_sample=None):
         env = env_on_violation()
         action = env if env is not None else OnViolation.parse(on_violation)
         self.config = Config(on_violation=action, severities=parse_rule_overrides(rules))
@@ -210,12 +244,14 @@ class Guard:
         self._violations: List[Violation] = []
         self._by_key: dict = {}
         self.steps = 0
+        self.backward_sample = BACKWARD_SAMPLE if backward_sample is None else _check_sample(backward_sample)
+        self._rng = random.Random(0x6D67)  # fixed seed: a rerun follows the same forwards
         # Training seen before this guard (an earlier guard in the same process) must not
         # count as this program's training: MG201 compares against this mark.
         self.activity_at_start = ACTIVITY[0]
         self.active = self.config.on_violation is not OnViolation.OFF
         enabled = [r for code, r in RULES.items() if self.config.severities.get(code, r.severity) is not Severity.OFF]
-        self._forward_rules = [r for r in enabled if overrides(r, "on_forward")]
+        self._nograd_rules = [r for r in enabled if overrides(r, "on_nograd_forward")]
         self._release_rules = [r for r in enabled if overrides(r, "on_release")]
         self._step_rules = [r for r in enabled if overrides(r, "on_step")]
         if self.active:
@@ -302,52 +338,71 @@ class Guard:
         return modeguard_forward_pre_hook
 
     def _make_post_hook(self, st: RootState):
-        forward_rules = self._forward_rules
+        nograd_rules = self._nograd_rules
         guard = self
+        presumed = st.presumed
+        get_allowed = ALLOWED.get
 
         def modeguard_forward_hook(module, args, output):
             if RELEASED:
                 drain_released()
             if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
                 st.rescan(module)  # changed during the forward itself
-            grad = torch.is_grad_enabled()
             snap = st.snapshot
-            for rule in forward_rules:
-                rule.on_forward(guard, st, snap, grad)
             act = ACTIVITY[0]
-            if grad:
-                nodes = output_grad_fns(output)
-                if nodes:
-                    # The user's line is needed only if this forward may turn out to be
-                    # evaluation: eval mode, or no backward/step since the previous one.
-                    where = user_code_line(1) if (not snap.root_training or act == st.prev_forward_activity) else None
-                    attach(ForwardRecord(st, snap, where, ALLOWED.get()), nodes, st.on_backward)
+            if torch.is_grad_enabled():
+                st.fwd_seq += 1
+                if snap.plain_train and act != st.prev_forward_activity and st.countdown:
+                    # The common case: the first training forward since the last backward
+                    # or step. Presumed backpropagated; nothing is allocated.
+                    st.countdown -= 1
+                    presumed.snapshot, presumed.allowed, presumed.seq = snap, get_allowed(), st.fwd_seq
+                    st.source = presumed
+                    st.evidence += 1
+                else:
+                    guard._follow(st, snap, output, act)
+            else:
+                for rule in nograd_rules:
+                    rule.on_nograd_forward(guard, st, snap)
             st.prev_forward_activity = act
 
         return modeguard_forward_hook
 
+    def _follow(self, st: RootState, snap, output, act) -> None:
+        """Tie this forward to its backward, or learn that its graph was freed unused."""
+        nodes = output_grad_fns(output)
+        if not nodes:
+            return
+        if snap.plain_train:
+            st.countdown = self._rng.randrange(2 * self.backward_sample - 1) if self.backward_sample > 1 else 0
+        # The user's line is needed only if this forward may turn out to be evaluation:
+        # eval mode, or no backward/step since the previous one.
+        where = user_code_line(2) if (not snap.root_training or act == st.prev_forward_activity) else None
+        attach(ForwardRecord(st, snap, where, ALLOWED.get(), st.fwd_seq), nodes, st.on_backward)
+
     def _make_step_pre_hook(self, ost: OptimizerState):
-        def modeguard_step_pre_hook(optimizer, args, kwargs):
-            self.before_step(ost, args, kwargs)
+        # A partial, not a closure: one Python frame less on every step.
+        return functools.partial(self.before_step, ost)
 
-        return modeguard_step_pre_hook
-
-    def before_step(self, ost: OptimizerState, args, kwargs) -> None:
+    def before_step(self, ost: OptimizerState, optimizer, args, kwargs) -> None:
+        """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``."""
         if RELEASED:
             drain_released()
         roots = ost.roots(self)
         # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
-        if args and args[0] is ost.ref():
+        if args and args[0] is optimizer:
             args = args[1:]
-        has_closure = (bool(args) and args[0] is not None) or kwargs.get("closure") is not None
+        has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
+        seen = ost.seen
+        fresh = [st for st in roots if seen.get(st) != st.evidence]
         for rule in self._step_rules:
-            rule.on_step(self, ost, roots, has_closure)
+            rule.on_step(self, ost, fresh, roots, has_closure)
         # The step goes ahead (a rule that raises stops it before this point). Marking
         # here rather than in a post-hook saves a hook call per step; a closure's own
         # backward (LBFGS) then counts towards the next step, which MG602 skips anyway.
-        seen = ost.seen_backward
-        for st in roots:
-            seen[st] = st.backward_count
+        for st in fresh:
+            seen[st] = st.evidence
+            st.trained = True
         self.steps += 1
         ACTIVITY[0] += 1
 
@@ -513,7 +568,14 @@ def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> Mod
     return ModeMap(type(model).__name__, rows)
 
 
-def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "warn", rules=None, frozen=None) -> Guard:
+def _check_sample(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"backward_sample must be a positive int (1 follows every training forward), got {n!r}")
+    return n
+
+
+def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "warn", rules=None, frozen=None,
+          backward_sample: Optional[int] = None) -> Guard:
     """Watch ``model`` (and optimizers) for train/eval mode mistakes.
 
     ``guard = modeguard.watch(model, optimizer)``. Watching an already watched model
@@ -528,7 +590,8 @@ def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "wa
         if not isinstance(o, torch.optim.Optimizer):
             raise TypeError(f"modeguard.watch() expects torch.optim.Optimizer objects after the model, got {type(o).__module__}.{type(o).__name__}")
     existing = guard_of(model)
-    guard = existing if existing is not None else Guard(on_violation=on_violation, rules=rules, frozen=frozen)
+    guard = existing if existing is not None else Guard(on_violation=on_violation, rules=rules, frozen=frozen,
+                                                        backward_sample=backward_sample)
     guard.watch_model(model)
     for o in opts:
         guard.watch_optimizer(o)

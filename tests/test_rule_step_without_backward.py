@@ -52,7 +52,8 @@ def test_second_step_after_one_backward_fires_at_its_line():
 def test_a_branch_that_skips_backward_fires_once_with_a_count():
     model = MLP()
     opt = sgd(model)
-    with modeguard.watch(model, opt, on_violation="record") as guard:
+    # backward_sample=1: every training forward is followed into its graph.
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=1) as guard:
         for step in range(12):
             opt.zero_grad()
             loss = _loss(model, seed=step)
@@ -62,6 +63,47 @@ def test_a_branch_that_skips_backward_fires_once_with_a_count():
         found = codes(guard)
     assert len(found) == 1
     assert found[0].count == 4
+
+
+@pytest.mark.parametrize("period", [2, 3, 8, 16])
+def test_by_default_a_recurring_skip_is_caught_on_a_sampled_step(period):
+    # Ordinary training forwards are presumed backpropagated and only a random sample is
+    # followed, so a skipped backward is caught on some of its occurrences, whatever the
+    # period of the skip (a fixed sampling stride could alias with it).
+    model = MLP()
+    opt = sgd(model)
+    skips = 0
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(64 * period):
+            opt.zero_grad()
+            loss = _loss(model, seed=step % 5)
+            if step % period == period - 1:
+                skips += 1
+            else:
+                loss.backward()
+            opt.step()
+        found = codes(guard)
+    assert len(found) == 1
+    assert 1 <= found[0].count < skips
+
+
+def test_step_twice_is_caught_on_every_occurrence_whatever_the_sampling():
+    # No forward at all between two steps needs no sampling to be sure of.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(40):
+            train_step(model, opt)
+            if step % 4 == 3:
+                opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].count == 10
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
+def test_backward_sample_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="backward_sample must be a positive int"):
+        modeguard.watch(MLP(), backward_sample=bad)
 
 
 def test_warns_at_the_users_step_line():

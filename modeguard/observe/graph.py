@@ -1,7 +1,8 @@
 """Tying a backward to the forward that built its graph.
 
-After a grad-enabled forward of a watched model, the distinct ``grad_fn`` nodes of its
-outputs get a backward pre-hook (PyTorch's ``Node.register_prehook``) that marks the
+After a grad-enabled forward of a watched model that a rule needs to follow (see
+``Guard``: eval or mixed modes, a forward that may be evaluation, or a sampled training
+forward), the distinct ``grad_fn`` nodes of its outputs get a backward pre-hook (PyTorch's ``Node.register_prehook``) that marks the
 forward's record as used. The graph owns that hook object and drops it when the graph is
 freed, so the hook doubles as the sentinel: when it dies and nothing backpropagated
 through it, the record goes on a queue that the next hook call drains. Nodes are not
@@ -28,14 +29,31 @@ _MAX_NODES = 16
 class ForwardRecord:
     """What modeguard keeps about one grad-enabled forward of a watched model."""
 
-    __slots__ = ("root", "snapshot", "where", "allowed", "used", "__weakref__")
+    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "used", "__weakref__")
 
-    def __init__(self, root, snapshot, where, allowed):
+    def __init__(self, root, snapshot, where, allowed, seq):
         self.root = root          # RootState (holds the model only weakly)
         self.snapshot = snapshot  # ModeSnapshot the forward ran under
         self.where = where        # (code, line) of the user's call, or None
         self.allowed = allowed    # rule codes silenced by allow() around the forward
+        self.seq = seq            # the root's grad-enabled forward count at this forward
         self.used = False
+
+
+class PresumedForward:
+    """The latest training forward that was not followed into the autograd graph.
+
+    A grad-enabled forward with every mode-sensitive module in train mode is what a
+    training step is made of, and the rules need no proof of its backward: it is
+    presumed to be backpropagated. One object per watched model, updated in place, so
+    the common forward allocates nothing."""
+
+    __slots__ = ("snapshot", "allowed", "seq")
+
+    def __init__(self):
+        self.snapshot = None
+        self.allowed = None
+        self.seq = -1
 
 
 class _GraphWatch:

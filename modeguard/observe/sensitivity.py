@@ -104,7 +104,12 @@ def is_batchnorm(module: nn.Module) -> bool:
 def params_frozen(module: nn.Module, recurse: bool) -> Optional[bool]:
     """True if the module has parameters and none requires grad; None if it has none."""
     seen = False
-    for p in module.parameters(recurse=recurse):
+    # _parameters directly when not recursing: parameters() is a generator chain that
+    # costs several times more, and MG301 re-reads this periodically on the step path.
+    params = module.parameters() if recurse else module._parameters.values()
+    for p in params:
+        if p is None:
+            continue
         seen = True
         if p.requires_grad:
             return False

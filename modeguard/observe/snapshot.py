@@ -63,7 +63,7 @@ def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
-        "frozen_bn_in_train", "probe", "n_modules", "__weakref__",
+        "frozen_bn_in_train", "train_bn", "probe", "n_modules", "plain_train", "__weakref__",
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
@@ -87,19 +87,26 @@ class ModeSnapshot:
             self.state = "eval"
         else:
             self.state = "mixed"
+        #: A training forward in the ordinary sense: the root and every mode-sensitive
+        #: module in train mode. The hot path keeps no per-forward record for these.
+        self.plain_train = self.root_training and self.state in ("train", "none")
+        self.train_bn = tuple(e for e in self.train_sensitive if e.is_bn)
         self.frozen_bn_in_train = self._frozen_bn()
         #: index in entries -> whether its input required grad in a grad-enabled forward
         self.probe: dict = {}
 
     def _frozen_bn(self) -> tuple:
-        return tuple(
-            e for e in self.train_sensitive
-            if e.is_bn and e.own_frozen is True
-        )
+        return tuple(e for e in self.train_bn if e.own_frozen is True)
 
     def refresh_frozen(self) -> None:
         """requires_grad flips have no hook; rules call this on their slow path."""
         for e in self.entries:
+            e.refresh_frozen()
+        self.frozen_bn_in_train = self._frozen_bn()
+
+    def refresh_frozen_bn(self) -> None:
+        """The part of refresh_frozen() that MG301 needs: BatchNorm modules in train."""
+        for e in self.train_bn:
             e.refresh_frozen()
         self.frozen_bn_in_train = self._frozen_bn()
 

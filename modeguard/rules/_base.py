@@ -42,15 +42,18 @@ class Rule:
         RULES[cls.code] = cls()
 
     # Events. The guard calls only the ones a rule overrides.
-    def on_forward(self, guard, root, snapshot, grad_enabled: bool) -> None:
-        """Before a watched model's forward."""
+    def on_nograd_forward(self, guard, root, snapshot) -> None:
+        """After a watched model's forward under torch.no_grad()/inference_mode().
+        (Grad-enabled forwards reach the rules through on_release and on_step.)"""
 
     def on_release(self, guard, record) -> None:
         """A grad-enabled forward's graph was freed without any backward through it."""
 
-    def on_step(self, guard, opt_state, roots, has_closure: bool) -> None:
-        """Before ``optimizer.step()`` of a watched optimizer; ``roots`` are the watched
-        models whose parameters it updates."""
+    def on_step(self, guard, opt_state, fresh, roots, has_closure: bool) -> None:
+        """Before ``optimizer.step()`` of a watched optimizer. ``roots`` are the watched
+        models whose parameters it updates, ``fresh`` those of them with new gradients
+        since this optimizer's previous step (each one's ``source`` is the forward the
+        gradients came from)."""
 
     # Documentation, generated.
     def explain(self) -> str:

@@ -8,7 +8,7 @@ from ..observe.graph import ACTIVITY
 from ._base import Rule
 
 # Consecutive evaluation-like forwards (with no backward or step in between) before this
-# fires. A model that is itself trained (it has had a backward), or a program that trains
+# fires. A model that is itself trained (a backward or a step reached it), or a program that trains
 # nothing, is evaluating after two. A model that never gets a backward while others train
 # is a teacher, target network or momentum encoder: MoCo and BYOL run theirs two or more
 # times per step under no_grad in train mode on purpose, so only a long run counts.
@@ -17,7 +17,7 @@ STREAK_AUXILIARY = 8
 
 
 def _threshold(root) -> int:
-    if root.backward_count:
+    if root.trained:
         return STREAK
     # The program trains if something trained since this guard was made, or if it was
     # given an optimizer: a teacher's no_grad forwards come before the first backward.
@@ -47,15 +47,17 @@ class EvalInTrainMode(Rule):
     ]
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
 
-    def on_forward(self, guard, root, snapshot, grad_enabled):
-        if grad_enabled or not snapshot.root_training or not snapshot.train_sensitive:
+    def on_nograd_forward(self, guard, root, snapshot):
+        if not snapshot.root_training or not snapshot.train_sensitive:
             root.nograd_streak = 0
             return
-        act = ACTIVITY[0]
-        if act == root.nograd_mark:
+        # A streak is broken by a backward or step (ACTIVITY moves) and by a grad-enabled
+        # forward of this model in between (its forward count moves).
+        act, seq = ACTIVITY[0], root.fwd_seq
+        if act == root.nograd_mark and seq == root.nograd_seq:
             root.nograd_streak += 1
         else:
-            root.nograd_streak, root.nograd_mark = 1, act
+            root.nograd_streak, root.nograd_mark, root.nograd_seq = 1, act, seq
         if root.nograd_streak >= _threshold(root):
             self._fire(guard, root, snapshot, None, "under torch.no_grad()/inference_mode()", None)
 

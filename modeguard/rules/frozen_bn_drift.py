@@ -6,7 +6,7 @@ from .._config import Severity
 from ._base import Rule
 
 # requires_grad flips have no hook: re-read them every this many steps (or the number of
-# sensitive modules, if larger, so the amortised cost per step stays constant).
+# BatchNorm modules in train mode, if larger, so the amortised cost per step stays constant).
 REFRESH_EVERY = 64
 
 
@@ -28,16 +28,16 @@ class FrozenBNDrift(Rule):
     ]
     fix = "after model.train(), call .eval() on the frozen part (or override train() to keep it in eval)."
 
-    def on_step(self, guard, opt_state, roots, has_closure):
-        for st in roots:
-            rec = st.last_backprop
-            if rec is None or not opt_state.has_new_gradients(st):
-                continue  # no new gradients from this model: nothing new to say
+    def on_step(self, guard, opt_state, fresh, roots, has_closure):
+        for st in fresh:
+            rec = st.source
+            if rec is None:
+                continue
             snap = rec.snapshot
             st.steps_since_refresh += 1
-            if st.steps_since_refresh >= max(REFRESH_EVERY, len(snap.entries)):
+            if snap.train_bn and st.steps_since_refresh >= max(REFRESH_EVERY, len(snap.train_bn)):
                 st.steps_since_refresh = 0
-                snap.refresh_frozen()
+                snap.refresh_frozen_bn()
             if not snap.frozen_bn_in_train:
                 continue
             names = [e.name for e in snap.frozen_bn_in_train]

@@ -27,13 +27,11 @@ class StepInEval(Rule):
     ]
     fix = "call model.train() before the training step (e.g. at the top of each epoch, after validate())."
 
-    def on_step(self, guard, opt_state, roots, has_closure):
-        for st in roots:
-            rec = st.last_backprop
-            if rec is None or rec.snapshot.state in ("train", "none"):
+    def on_step(self, guard, opt_state, fresh, roots, has_closure):
+        for st in fresh:
+            rec = st.source
+            if rec is None or rec.snapshot.plain_train:
                 continue  # the common case: O(1)
-            if not opt_state.has_new_gradients(st):
-                continue  # no new gradients from this model since this optimizer's last step
             self._diagnose(guard, st, rec)
 
     def _diagnose(self, guard, st, rec):

@@ -24,10 +24,8 @@ class StepWithoutBackward(Rule):
     ]
     fix = "call loss.backward() before every optimizer.step() (or skip the step on that branch too)."
 
-    def on_step(self, guard, opt_state, roots, has_closure):
-        if has_closure or not roots:
-            return
-        if any(opt_state.has_new_gradients(st) for st in roots):
+    def on_step(self, guard, opt_state, fresh, roots, has_closure):
+        if fresh or has_closure or not roots:
             return
         guard.emit(
             self, severity=None, root=roots[0], where=None, modules=[], mode_site=None,
