@@ -103,6 +103,8 @@ def main(argv=None) -> int:
                    help="CPU set: time the process's CPU time (default; other processes' load does not count) or wall-clock")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU/AMP set even if CUDA is available")
     p.add_argument("--no-scaling", action="store_true", help="skip the depth sweep")
+    p.add_argument("--only", metavar="NAMES", default=None,
+                   help="comma-separated workload names to run (e.g. mlp,transformer); default: all")
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
@@ -123,7 +125,9 @@ def main(argv=None) -> int:
     result["columns"] = {i.key: i.title for i in instruments}
 
     log(f"CPU set ({args.threads} thread(s), {args.rounds} interleaved rounds)")
-    result["cpu"] = run_set("CPU", workloads.cpu_workloads(args.quick), instruments, args, log)
+    only = set(args.only.split(",")) if args.only else None
+    pick = lambda wls: [w for w in wls if only is None or w.name in only]  # noqa: E731
+    result["cpu"] = run_set("CPU", pick(workloads.cpu_workloads(args.quick)), instruments, args, log)
 
     if not args.no_scaling:
         depths = [10, 30] if args.quick else [10, 30, 100, 300, 1000]
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
 
     if torch.cuda.is_available() and not args.no_gpu:
         log("GPU set (fp32, bf16 autocast, fp16 + GradScaler)")
-        result["gpu"] = run_set("GPU", workloads.gpu_workloads("cuda", args.quick), instruments, args, log)
+        result["gpu"] = run_set("GPU", pick(workloads.gpu_workloads("cuda", args.quick)), instruments, args, log)
     else:
         why = "skipped: --no-gpu" if args.no_gpu else "skipped: CUDA is not available on this machine"
         result["gpu"] = why
