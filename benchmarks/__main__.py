@@ -107,9 +107,9 @@ def main(argv=None) -> int:
                    help="comma-separated workload names to run (e.g. mlp,transformer); default: all")
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 7
+        args.rounds = 2 if args.quick else 15
     if args.block_time is None:
-        args.block_time = 0.05 if args.quick else 0.4
+        args.block_time = 0.05 if args.quick else 0.2
     torch.set_num_threads(args.threads)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     started = time.perf_counter()
