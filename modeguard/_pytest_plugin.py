@@ -255,7 +255,8 @@ class _AutoWatch:
         self._auto = auto
         self.owned = not auto.active()
         if self.owned:
-            self.guard = auto.start(on_violation="record", rules=plan.rules, frozen=plan.frozen)
+            # Tests run few steps and must not depend on sampling: follow every forward.
+            self.guard = auto.start(on_violation="record", rules=plan.rules, frozen=plan.frozen, backward_sample=1)
             self._before = set()
         else:
             self.guard = auto.current()
@@ -355,6 +356,7 @@ class ModeGuardFixture:
             guard = existing  # already found by automatic watching, which also sees every optimizer
         else:
             kwargs.setdefault("on_violation", "record")
+            kwargs.setdefault("backward_sample", 1)
             if self.rules:
                 kwargs.setdefault("rules", self.rules)
             guard = watch(model, *optimizers, **kwargs)

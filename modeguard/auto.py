@@ -212,13 +212,13 @@ def _variable_name(module: nn.Module) -> Optional[str]:
     return None
 
 
-def start(on_violation: str = "warn", rules=None, frozen=None) -> Guard:
+def start(on_violation: str = "warn", rules=None, frozen=None, backward_sample=None) -> Guard:
     """Begin automatic watching; returns the Guard that collects everything.
     Calling it while a session is active returns that session's guard."""
     global _session
     if _session is not None:
         return _session.guard
-    guard = Guard(on_violation=on_violation, rules=rules, frozen=frozen)
+    guard = Guard(on_violation=on_violation, rules=rules, frozen=frozen, backward_sample=backward_sample)
     session = AutoSession(guard)
     if guard.active:
         session._install()

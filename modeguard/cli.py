@@ -43,7 +43,7 @@ def _cmd_demo(args) -> int:
 
 # Options of `run` that take a value: splitting the command line must know them, because
 # everything from SCRIPT (or `-m MODULE`) on belongs to the program.
-_RUN_VALUE_OPTIONS = ("--fail-on", "--report-json", "--rules", "--on-violation")
+_RUN_VALUE_OPTIONS = ("--fail-on", "--report-json", "--rules", "--on-violation", "--backward-sample")
 
 
 def _split_run_argv(tokens: List[str]) -> Tuple[List[str], Optional[str], Optional[str], List[str]]:
@@ -65,6 +65,16 @@ def _split_run_argv(tokens: List[str]) -> Tuple[List[str], Optional[str], Option
             continue
         return tokens[:i], t, None, tokens[i + 1:]
     return tokens, None, None, []
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
 
 
 def _add_run_parser(sub) -> argparse.ArgumentParser:
@@ -91,6 +101,9 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--on-violation", choices=("warn", "raise", "record"), default=None,
                    help="what happens when a rule fires while the program runs: record it for the summary "
                         "(default), also warn at the line, or raise in the program")
+    p.add_argument("--backward-sample", type=_positive_int, default=None, metavar="N",
+                   help="follow about one ordinary training forward in N into autograd to confirm its backward "
+                        "(default 16; 1 checks every step for a skipped backward, at some cost per step)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table, not each problem's explanation")
     # Shown in --help only; _split_run_argv takes these apart before argparse sees them.
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like `python -m`")
@@ -141,7 +154,8 @@ def _cmd_run(args) -> int:
     label = f"-m {args.module}" if args.module else args.script
     # Record by default, so the summary at the end is the one place to read; the
     # MODEGUARD environment variable may still choose, unless --on-violation was given.
-    guard = auto.start(on_violation=args.on_violation or "record", rules=args.rule_overrides)
+    guard = auto.start(on_violation=args.on_violation or "record", rules=args.rule_overrides,
+                       backward_sample=args.backward_sample)
     if guard.active and args.on_violation:
         guard.config.on_violation = OnViolation.parse(args.on_violation)
     try:

@@ -147,6 +147,8 @@ def test_module_with_relative_import_and_its_arguments(run, tmp_path, monkeypatc
     (["--no-such-option", CORRECT], "unrecognized arguments: --no-such-option"),
     (["--fail", "never", CORRECT], "unrecognized arguments: --fail"),  # no abbreviations
     (["--fail-on", "sometimes", CORRECT], "invalid choice: 'sometimes'"),
+    (["--backward-sample", "0", CORRECT], "argument --backward-sample: expected a positive integer, got '0'"),
+    (["--backward-sample", "often", CORRECT], "argument --backward-sample: expected a positive integer"),
     (["-m", "no_such_package.train"], "no module named 'no_such_package.train'"),
     (["-m"], "argument -m: expected one argument"),
     (["--report-json", "/no/such/folder/r.json", CORRECT], "argument --report-json"),
@@ -158,6 +160,32 @@ def test_bad_usage_exits_2_with_one_error_line(run, args, expected):
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0], err
     assert out == ""  # the program never started
+
+
+ONE_SKIPPED_BACKWARD = """
+import torch
+import torch.nn.functional as F
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(6):
+    opt.zero_grad()
+    loss = F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,)))
+    if step != 4:
+        loss.backward()
+    opt.step()
+"""
+
+
+def test_backward_sample_one_catches_a_single_skipped_backward(run, tmp_path):
+    script = tmp_path / "skip_once.py"
+    script.write_text(ONE_SKIPPED_BACKWARD)
+    report = tmp_path / "r.json"
+    status, out, err = run("--backward-sample", "1", "--fail-on", "warning", "--report-json", str(report), str(script))
+    assert status == 3, err
+    found = json.loads(report.read_text())["violations"]
+    assert [(v["code"], v["location"]["line"]) for v in found] == [("MG602", 13)]
 
 
 def test_correct_script_exits_0_and_reports_nothing(run):

@@ -161,6 +161,28 @@ def test_fixture_passes_a_clean_loop_and_fails_the_validate_bug_with_the_report(
     assert "test_clean" not in "\n".join(l for l in result.outlines if l.startswith("FAILED"))
 
 
+def test_fixture_follows_every_forward_so_one_skipped_backward_fails_the_test(suite):
+    # Tests run a handful of steps: the fixture does not sample, it checks every step.
+    suite.makepyfile(test_pg_skip='''
+        import torch
+        import torch.nn.functional as F
+        from pg_loops import make
+
+        def test_skips_one_backward(modeguard):
+            model, opt = make()
+            modeguard.watch(model, opt)
+            for step in range(5):
+                opt.zero_grad()
+                loss = F.mse_loss(model(torch.randn(4, 4)), torch.zeros(4, 2))
+                if step != 3:
+                    loss.backward()
+                opt.step()
+    ''')
+    result = suite.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*MG602 step-without-backward*warning*"])
+
+
 def test_fixture_alone_patches_nothing_outside_its_test(suite):
     suite.makepyfile(test_pg_fx='''
         import torch.nn as nn
