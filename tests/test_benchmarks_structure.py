@@ -116,6 +116,40 @@ def test_unchanged_modes_never_walk_the_model(monkeypatch, mode, depth):
     assert guard.violations == []
 
 
+@pytest.mark.parametrize("mode", ["watch", "auto"])
+def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(monkeypatch, mode):
+    # Following a forward into autograd (a pre-hook on its output's grad_fn, a Python
+    # call inside backward) is the dearest thing modeguard does; an ordinary training
+    # loop pays for it on about one forward in BACKWARD_SAMPLE.
+    import modeguard.guard as guard_module
+
+    followed = []
+    real_attach = guard_module.attach
+    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (followed.append(rec), real_attach(rec, *a)))
+    model, opt, x, y = _setup()
+    guard = modeguard.watch(model, opt, on_violation="record") if mode == "watch" else auto.start(on_violation="record")
+    try:
+        _loop(model, opt, x, y, 320)
+    finally:
+        guard.unwatch() if mode == "watch" else auto.stop()
+    expected = 320 / guard_module.BACKWARD_SAMPLE
+    assert expected / 2 <= len(followed) <= expected * 2
+    assert all(rec.used for rec in followed)  # each followed forward saw its backward
+    assert guard.violations == []
+
+
+def test_backward_sample_one_follows_every_training_forward(monkeypatch):
+    import modeguard.guard as guard_module
+
+    followed = []
+    real_attach = guard_module.attach
+    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (followed.append(rec), real_attach(rec, *a)))
+    model, opt, x, y = _setup()
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=1):
+        _loop(model, opt, x, y, 20)
+    assert len(followed) == 20
+
+
 def test_counter_sees_a_walk(monkeypatch):
     # The counter itself must be able to fail the test above.
     model, *_ = _setup()

@@ -404,6 +404,55 @@ def test_quiet_after_an_eval_input_gradient_then_model_train():
         assert guard.violations == []
 
 
+@pytest.mark.parametrize("sample", [1, 1000])
+def test_quiet_after_an_eval_backward_into_the_parameters_then_a_train_step(sample):
+    # An attack or a probe that calls loss.backward() in eval mode fills .grad; the user
+    # zeroes it and trains in train mode. The step applies the train forward's gradients,
+    # whether that forward was followed into its graph (sample=1) or presumed (1000).
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=sample) as guard:
+        for step in range(3):
+            model.eval()
+            model(batch(seed=step)).sum().backward()
+            model.train()
+            train_step(model, opt)
+        assert guard.violations == []
+
+
+@pytest.mark.parametrize("sample", [1, 1000])
+def test_an_eval_backward_after_the_train_forward_is_what_the_step_applies(sample):
+    # Order matters, not which forwards ran since the last step: here the eval-mode
+    # forward is the last one backpropagated before step().
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=sample) as guard:
+        train_step(model, opt)
+        opt.zero_grad()
+        model(batch(seed=1)).sum().backward()
+        model.eval()
+        model(batch(seed=2)).sum().backward()
+        opt.step()
+        assert [v.code for v in guard.violations] == ["MG101"]
+
+
+@pytest.mark.parametrize("sample", [1, 1000])
+def test_an_unused_eval_forward_after_the_train_backward_does_not_count(sample):
+    # Logging an eval-mode forward with grad enabled between backward and step: the step
+    # still applies the train forward's gradients (MG401 may note the wasted graph).
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=sample) as guard:
+        train_step(model, opt)
+        opt.zero_grad()
+        model(batch(seed=1)).sum().backward()
+        model.eval()
+        model(batch(seed=2))
+        model.train()
+        opt.step()
+        assert codes(guard) == []
+
+
 def test_quiet_under_allow_around_the_forward_or_the_step():
     model = MLP()
     opt = sgd(model)
