@@ -7,8 +7,10 @@ whether to look closer. An ordinary training forward (every mode-sensitive modul
 train mode, one forward per step) is presumed to be backpropagated and costs a few
 attribute writes; only forwards that can be wrong (eval or mixed modes, a second forward
 with no backward or step in between) and a random sample of the ordinary ones are
-followed into the autograd graph, which costs a Python callback inside backward. Slow path (a mode changed, a rule fired): walk the model, build
-the message, find the user's line. The automatic mode of ``modeguard run`` is this same
+followed into the autograd graph, which costs a Python callback inside backward.
+
+Slow path (a mode changed, a rule fired): walk the model, build the message, find the
+user's line. The automatic mode of ``modeguard run`` is this same
 Guard with roots and optimizers added as they are discovered.
 """
 
@@ -496,7 +498,8 @@ class Guard:
             st.disarm()
             for h in st.handles + st.probe_handles:
                 h.remove()
-            st.handles, st.probe_handles, st.last_backprop, st.snapshot = [], [], None, None
+            st.handles, st.probe_handles, st.last_backprop, st.snapshot, st.source = [], [], None, None, None
+            st.presumed.snapshot = st.presumed.allowed = None
             m = st.ref()
             if m is not None and _GUARDS.get(m) is self:
                 del _GUARDS[m]
@@ -569,7 +572,9 @@ def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> Mod
 
 
 def _check_sample(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"backward_sample must be a positive int (1 follows every training forward), got {type(n).__name__} {n!r}")
+    if n < 1:
         raise ValueError(f"backward_sample must be a positive int (1 follows every training forward), got {n!r}")
     return n
 

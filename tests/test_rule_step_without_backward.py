@@ -100,9 +100,9 @@ def test_step_twice_is_caught_on_every_occurrence_whatever_the_sampling():
     assert len(found) == 1 and found[0].count == 10
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
-def test_backward_sample_must_be_a_positive_int(bad):
-    with pytest.raises(ValueError, match="backward_sample must be a positive int"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("8", TypeError), (True, TypeError)])
+def test_backward_sample_must_be_a_positive_int(bad, error):
+    with pytest.raises(error, match="backward_sample must be a positive int"):
         modeguard.watch(MLP(), backward_sample=bad)
 
 
