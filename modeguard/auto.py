@@ -38,6 +38,7 @@ import torch.optim.optimizer as optimizer_module
 from ._exceptions import ModeGuardWarning
 from ._frames import user_frame
 from .guard import Guard, guard_of
+from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
 
 _depth = [0]  # > 0 while inside an outermost (root or foreign) call: nothing nested is a root
@@ -50,9 +51,10 @@ _FOREIGN = "foreign"
 class _Root:
     """The checks of one auto-discovered model, called by the ``__call__`` wrapper."""
 
-    __slots__ = ("pre", "post")
+    __slots__ = ("st", "pre", "post")
 
-    def __init__(self, pre, post):
+    def __init__(self, st, pre, post):
+        self.st = st      # its RootState
         self.pre = pre
         self.post = post
 
@@ -92,7 +94,11 @@ class AutoSession:
             try:
                 if entry is _FOREIGN:
                     return orig(self, *args, **kwargs)
-                entry.pre(self, args)
+                st = entry.st
+                # The pre-hook has work only after a mode or structure change, or with
+                # probes to place; the same test as in it, without the call.
+                if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch or st.probes_pending:
+                    entry.pre(self, args)
                 output = orig(self, *args, **kwargs)
                 entry.post(self, args, output)
                 return output
@@ -142,7 +148,7 @@ class AutoSession:
             h.remove()
         st.handles = []
         self.root_names.append(st.name)
-        return _Root(guard._make_pre_hook(st), guard._make_post_hook(st))
+        return _Root(st, guard._make_pre_hook(st), guard._make_post_hook(st))
 
     def _name_for(self, module: nn.Module) -> str:
         """``Net``; ``Net.encoder`` for a submodule of a watched model; ``Net (ema)`` with
@@ -176,12 +182,13 @@ class AutoSession:
         return ost
 
     def _step_pre(self, optimizer, args, kwargs):
-        if self.guard.active:
-            ost = self._ost(optimizer)
+        guard = self.guard
+        if guard.active:
+            ost = guard._opts.get(id(optimizer)) or self._ost(optimizer)
             # An optimizer also passed to modeguard.watch() has its own step hooks on the
             # same guard: checking the step here too would count it twice.
             if ost is not None and not ost.handles:
-                self.guard.before_step(ost, optimizer, args, kwargs)
+                guard.before_step(ost, optimizer, args, kwargs)
 
     def _uninstall(self) -> None:
         if nn.Module.__call__ is not self._orig_call:

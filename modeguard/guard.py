@@ -334,7 +334,7 @@ class Guard:
                 st.rescan(module)
             if st.probes_pending and torch.is_grad_enabled():
                 st.install_probes(args)
-            if not st.probes_pending:
+            if not st.probes_pending and st.pre_handle is not None:
                 st.disarm()
 
         return modeguard_forward_pre_hook

@@ -35,7 +35,7 @@ class FrozenBNDrift(Rule):
                 continue
             snap = rec.snapshot
             st.steps_since_refresh += 1
-            if snap.train_bn and st.steps_since_refresh >= max(REFRESH_EVERY, len(snap.train_bn)):
+            if st.steps_since_refresh >= REFRESH_EVERY and snap.train_bn and st.steps_since_refresh >= len(snap.train_bn):
                 st.steps_since_refresh = 0
                 snap.refresh_frozen_bn()
             if not snap.frozen_bn_in_train:
