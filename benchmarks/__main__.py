@@ -80,12 +80,15 @@ def run_set(title, wls, instruments, args, log) -> list:
                                  threads=args.threads, timer=args.timer if w.device == "cpu" else "wall", log=log)
         memory = harness.peak_memory(w, instruments, steps=3 if args.quick else 10)
         syncs = harness.count_syncs(w, instruments)
+        # Deterministic companion to the timing: function calls each setup adds per
+        # training step (averaged over enough steps to include sampled backward checks).
+        calls = harness.python_calls(w, instruments, steps=4 if args.quick else 32)
         found = {inst.key: inst.violations() for inst in instruments}
         out.append({
             "workload": w.name, "amp": w.amp, "device": w.device, "label": w.label,
             "n_modules": w.n_modules, "n_params": w.n_params,
             "batch": list(w.inputs.shape), "timing": timing, "memory": memory,
-            "syncs_per_step": syncs, "findings": found, "seconds": round(time.perf_counter() - t0, 1),
+            "syncs_per_step": syncs, "calls_per_step": calls, "findings": found, "seconds": round(time.perf_counter() - t0, 1),
         })
         log(f"    done in {out[-1]['seconds']} s")
     return out
