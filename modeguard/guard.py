@@ -194,10 +194,10 @@ class OptimizerState:
         self._roots: list = []
         self._ngroups = self._nfirst = self._struct = self._version = -1
 
-    def roots(self, guard: "Guard") -> list:
+    def roots(self, guard: "Guard", optimizer=None) -> list:
         """The watched models this optimizer updates; recomputed only when its param
         groups, the model structure or the set of roots changed."""
-        groups = self.ref().param_groups
+        groups = (optimizer if optimizer is not None else self.ref()).param_groups
         # Cheap to compare every step: add_param_group() and structure changes move these.
         nfirst = len(groups[0]["params"]) if groups else 0
         if (len(groups) != self._ngroups or nfirst != self._nfirst
@@ -390,11 +390,10 @@ class Guard:
         """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``."""
         if RELEASED:
             drain_released()
-        roots = ost.roots(self)
+        roots = ost.roots(self, optimizer)
         # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
-        if args and args[0] is optimizer:
-            args = args[1:]
-        has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
+        i = 1 if args and args[0] is optimizer else 0
+        has_closure = (len(args) > i and args[i] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
         seen = ost.seen
         fresh = [st for st in roots if seen.get(st) != st.evidence]
         for rule in self._step_rules:
