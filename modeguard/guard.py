@@ -392,8 +392,9 @@ class Guard:
             drain_released()
         roots = ost.roots(self, optimizer)
         # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
-        i = 1 if args and args[0] is optimizer else 0
-        has_closure = (len(args) > i and args[i] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
+        if args and args[0] is optimizer:
+            args = args[1:]
+        has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
         seen = ost.seen
         fresh = [st for st in roots if seen.get(st) != st.evidence]
         for rule in self._step_rules:
