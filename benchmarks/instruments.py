@@ -153,9 +153,9 @@ class Torcheck(Instrument):
         reg.add_module_changing_check(workload.model, module_name="model")
         reg.add_module_nan_check(workload.model, module_name="model")
         reg.add_module_inf_check(workload.model, module_name="model")
-        # torcheck raises from step() when a parameter did not change; on a long run a
-        # BatchNorm weight behind a dead ReLU channel can go a step without a gradient.
-        # Count that as a finding (a false positive: the loops are correct) and go on.
+        # torcheck raises from step() when a parameter did not change; on long runs it
+        # does so on correct loops (a BatchNorm weight of the ResNet, for one). Count that
+        # as a finding (a false positive: the loops are correct) and go on.
         checked_step = workload.optimizer.step
         inst = self
 

@@ -15,7 +15,10 @@ class StepWithoutBackward(Rule):
         The step applies whatever gradients are left in .grad: if zero_grad() was not
         called they are the previous batch's, applied a second time; if it was, the step
         does nothing but still advances momentum and learning-rate schedules. Usually a
-        backward() was skipped by a branch, or step() is called twice.
+        backward() was skipped by a branch, or step() is called twice. A second step()
+        with no forward in between is always caught; a backward skipped right after an
+        ordinary training forward is caught on the forwards modeguard samples (about one
+        in 16; watch(..., backward_sample=1) checks every one).
     """
     quiet_when = [
         "gradient accumulation (several backwards, then one step)",
