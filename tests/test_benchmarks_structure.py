@@ -202,6 +202,10 @@ def test_quick_run_end_to_end(tmp_path):
         assert cols["baseline"]["ratio"] == 1.0
         assert all(c["median_us"] > 0 and c["n_samples"] > 0 for c in cols.values())
     assert all(v == 0 for v in row["findings"].values())
+    calls = row["calls_per_step"]
+    assert calls["again"] == calls["baseline"]  # the counter itself is deterministic
+    assert calls["baseline"] < calls["watch"] < calls["naive"]
+    assert "## CPU: added function calls per training step" in md.read_text()
     sweep = data["scaling"]
     assert [r["blocks"] for r in sweep] == [10, 30]
     # Deterministic: the naive design adds calls per module, modeguard.watch does not.
