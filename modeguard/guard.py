@@ -33,6 +33,7 @@ from .markers import ALLOWED
 from .observe import modes, sensitivity
 from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, PresumedForward, attach, output_grad_fns
 from .observe.modes import HOOK_MARK, MODE_EPOCH, STRUCTURE_EPOCH, PATCHES
+from .observe import snapshot as snapshot_module
 from .observe.snapshot import ModeSnapshot, walk_marked
 from .report import ModeMap, Report, Violation
 from .rules import RULES
@@ -137,6 +138,7 @@ class RootState:
             self.param_ids = frozenset(id(p) for p in module.parameters())
         self.epoch, self.struct_epoch = MODE_EPOCH[0], STRUCTURE_EPOCH[0]
         self.snapshot = ModeSnapshot(module, self.guard.frozen_patterns)
+        self.snapshot.step_quiet = self.guard.step_quiet(self.snapshot)
         self.probes_pending = bool(self.snapshot.needs_probe())
 
     def install_probes(self, root_args=()) -> None:
@@ -386,19 +388,38 @@ class Guard:
         # A partial, not a closure: one Python frame less on every step.
         return functools.partial(self.before_step, ost)
 
+    def step_quiet(self, snapshot) -> bool:
+        """Slow path: is a step on gradients from ``snapshot`` quiet for every step rule?"""
+        return all(rule.step_quiet(snapshot) for rule in self._step_rules)
+
     def before_step(self, ost: OptimizerState, optimizer, args, kwargs) -> None:
         """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``."""
         if RELEASED:
             drain_released()
         roots = ost.roots(self, optimizer)
-        # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
-        if args and args[0] is optimizer:
-            args = args[1:]
-        has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
         seen = ost.seen
         fresh = [st for st in roots if seen.get(st) != st.evidence]
-        for rule in self._step_rules:
-            rule.on_step(self, ost, fresh, roots, has_closure)
+        # The common step: new gradients from forwards whose snapshots no step rule has
+        # anything to say about. Then no rule is called at all.
+        quiet = bool(fresh)
+        for st in fresh:
+            src = st.source
+            if src is None:
+                quiet = False
+                continue
+            snap = src.snapshot
+            st.steps_since_refresh += 1
+            if st.steps_since_refresh >= snapshot_module.REFRESH_EVERY and snap.train_bn:
+                self._refresh_frozen(st, snap)
+            if not snap.step_quiet:
+                quiet = False
+        if not quiet:
+            # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
+            if args and args[0] is optimizer:
+                args = args[1:]
+            has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
+            for rule in self._step_rules:
+                rule.on_step(self, ost, fresh, roots, has_closure)
         # The step goes ahead (a rule that raises stops it before this point). Marking
         # here rather than in a post-hook saves a hook call per step; a closure's own
         # backward (LBFGS) then counts towards the next step, which MG602 skips anyway.
@@ -407,6 +428,15 @@ class Guard:
             st.trained = True
         self.steps += 1
         ACTIVITY[0] += 1
+
+    def _refresh_frozen(self, st: RootState, snap) -> None:
+        """requires_grad flips have no hook: re-read those of the BatchNorm modules in
+        train mode (what MG301 needs), at most once per len(train_bn) steps."""
+        if st.steps_since_refresh < len(snap.train_bn):
+            return
+        st.steps_since_refresh = 0
+        snap.refresh_frozen_bn()
+        snap.step_quiet = self.step_quiet(snap)
 
     # ---- reporting (slow path) ----------------------------------------------------------
 

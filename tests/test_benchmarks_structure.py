@@ -138,6 +138,37 @@ def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(monke
     assert guard.violations == []
 
 
+def test_an_ordinary_step_calls_no_step_rule(monkeypatch):
+    # The step rules say, once per snapshot, when they have nothing to say (Rule.step_quiet);
+    # a step in an ordinary loop then calls none of them.
+    from modeguard.rules import RULES
+    from modeguard.rules._base import overrides
+
+    called = []
+    for rule in RULES.values():
+        if overrides(rule, "on_step"):
+            real = type(rule).on_step
+
+            def spy(self, *args, _real=real):
+                called.append(self.code)
+                return _real(self, *args)
+
+            monkeypatch.setattr(type(rule), "on_step", spy)
+    step_rules = {code for code, rule in RULES.items() if overrides(rule, "on_step")}
+    assert step_rules == {"MG101", "MG301", "MG602"}
+    model, opt, x, y = _setup()
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _loop(model, opt, x, y, 100)
+        assert called == []
+        opt.step()  # no new gradients: every step rule hears of it (MG602 fires)
+        assert sorted(called) == sorted(step_rules)
+        called.clear()
+        model.eval()  # the validate bug: the next step is not quiet for MG101
+        _loop(model, opt, x, y, 1)
+        assert sorted(called) == sorted(step_rules)
+    assert [v.code for v in guard.violations] == ["MG602", "MG101"]
+
+
 def test_backward_sample_one_follows_every_training_forward(monkeypatch):
     import modeguard.guard as guard_module
 

@@ -16,6 +16,12 @@ import torch.nn as nn
 from . import modes, sensitivity
 
 
+#: requires_grad flips have no hook: a watched model's BatchNorm modules in train mode
+#: have it re-read every this many steps (or the number of such modules, if larger, so
+#: the amortised cost per step stays constant).
+REFRESH_EVERY = 64
+
+
 class SensitiveEntry:
     """One mode-sensitive module of a watched model, as it was at snapshot time."""
 
@@ -63,7 +69,7 @@ def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
-        "frozen_bn_in_train", "train_bn", "probe", "n_modules", "plain_train", "__weakref__",
+        "frozen_bn_in_train", "train_bn", "probe", "n_modules", "plain_train", "step_quiet", "__weakref__",
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
@@ -94,6 +100,9 @@ class ModeSnapshot:
         self.frozen_bn_in_train = self._frozen_bn()
         #: index in entries -> whether its input required grad in a grad-enabled forward
         self.probe: dict = {}
+        #: Set by the guard from its step rules (Rule.step_quiet): a step on gradients
+        #: from a forward under this snapshot needs no rule called.
+        self.step_quiet = False
 
     def _frozen_bn(self) -> tuple:
         return tuple(e for e in self.train_bn if e.own_frozen is True)

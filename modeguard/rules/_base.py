@@ -49,6 +49,13 @@ class Rule:
     def on_release(self, guard, record) -> None:
         """A grad-enabled forward's graph was freed without any backward through it."""
 
+    def step_quiet(self, snapshot) -> bool:
+        """True if ``on_step`` would certainly do nothing for a model whose new gradients
+        come from a forward under ``snapshot``. Asked once per snapshot, on the slow path;
+        a step where every such model is quiet for every rule skips ``on_step`` (steps with
+        no new gradients at all always reach it). The default is never quiet."""
+        return False
+
     def on_step(self, guard, opt_state, fresh, roots, has_closure: bool) -> None:
         """Before ``optimizer.step()`` of a watched optimizer. ``roots`` are the watched
         models whose parameters it updates, ``fresh`` those of them with new gradients

@@ -5,11 +5,6 @@ from __future__ import annotations
 from .._config import Severity
 from ._base import Rule
 
-# requires_grad flips have no hook: re-read them every this many steps (or the number of
-# BatchNorm modules in train mode, if larger, so the amortised cost per step stays constant).
-REFRESH_EVERY = 64
-
-
 class FrozenBNDrift(Rule):
     code = "MG301"
     name = "frozen-bn-drift"
@@ -28,16 +23,17 @@ class FrozenBNDrift(Rule):
     ]
     fix = "after model.train(), call .eval() on the frozen part (or override train() to keep it in eval)."
 
+    def step_quiet(self, snapshot):
+        # requires_grad flips have no hook: the guard re-reads them periodically
+        # (snapshot.REFRESH_EVERY) and asks again.
+        return not snapshot.frozen_bn_in_train
+
     def on_step(self, guard, opt_state, fresh, roots, has_closure):
         for st in fresh:
             rec = st.source
             if rec is None:
                 continue
             snap = rec.snapshot
-            st.steps_since_refresh += 1
-            if st.steps_since_refresh >= REFRESH_EVERY and snap.train_bn and st.steps_since_refresh >= len(snap.train_bn):
-                st.steps_since_refresh = 0
-                snap.refresh_frozen_bn()
             if not snap.frozen_bn_in_train:
                 continue
             names = [e.name for e in snap.frozen_bn_in_train]

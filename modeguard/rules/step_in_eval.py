@@ -27,6 +27,9 @@ class StepInEval(Rule):
     ]
     fix = "call model.train() before the training step (e.g. at the top of each epoch, after validate())."
 
+    def step_quiet(self, snapshot):
+        return snapshot.plain_train
+
     def on_step(self, guard, opt_state, fresh, roots, has_closure):
         for st in fresh:
             rec = st.source

@@ -27,6 +27,9 @@ class StepWithoutBackward(Rule):
     ]
     fix = "call loss.backward() before every optimizer.step() (or skip the step on that branch too)."
 
+    def step_quiet(self, snapshot):
+        return True  # it speaks only about steps with no new gradients at all
+
     def on_step(self, guard, opt_state, fresh, roots, has_closure):
         if fresh or has_closure or not roots:
             return
