@@ -81,6 +81,22 @@ def test_grad_enabled_forwards_never_backpropagated_fire():
     assert "no backward" in found[0].message
 
 
+@pytest.mark.parametrize("batches, sample", [(3, None), (2, 1)])
+def test_shortest_grad_enabled_evaluation_that_is_reported(batches, sample):
+    # The first grad-enabled forward after a step looks like a training forward and is
+    # presumed backpropagated; from the second on, forwards with no backward or step in
+    # between are followed. So three batches are enough by default, two when every
+    # forward is followed.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=sample) as guard:
+        for _ in range(3):
+            train_step(model, opt)
+        for seed in range(batches):
+            model(batch(seed=seed)).argmax(1)
+        assert len(codes(guard)) == 1
+
+
 def test_warn_points_at_the_evaluation_line():
     model = MLP()
     with modeguard.watch(model):
