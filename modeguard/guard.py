@@ -76,7 +76,7 @@ class RootState:
 
     __slots__ = (
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
-        "backward_count", "last_backprop", "prev_forward_activity",
+        "prev_forward_activity",
         "fwd_seq", "evidence", "presumed", "source", "trained", "countdown",
         "nograd_streak", "nograd_mark", "nograd_seq", "unused_streak", "unused_mark", "steps_since_refresh",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
@@ -89,12 +89,10 @@ class RootState:
         self.epoch = self.struct_epoch = -1
         self.snapshot: Optional[ModeSnapshot] = None
         self.param_ids = frozenset()
-        self.backward_count = 0   # backwards seen through followed forwards
-        self.last_backprop: Optional[ForwardRecord] = None
         self.prev_forward_activity = -1
         self.fwd_seq = 0          # grad-enabled forwards so far
         # Backwards seen plus training forwards presumed backpropagated: an optimizer
-        # step compares it with its value at the previous step (MG602, has_new_gradients).
+        # step compares it with its value at the previous step (OptimizerState.seen).
         self.evidence = 0
         self.presumed = PresumedForward()
         # The forward whose gradients a step would now apply: the later of the last
@@ -168,10 +166,8 @@ class RootState:
             self.probe_handles.append(h)
 
     def on_backward(self, record: ForwardRecord) -> None:
-        self.backward_count += 1
         self.evidence += 1
         self.trained = True
-        self.last_backprop = record
         if record.seq > self.presumed.seq:
             self.source = record
         ACTIVITY[0] += 1
@@ -214,11 +210,6 @@ class OptimizerState:
                 # first step in automatic mode): give the latest backward to this step.
                 self.seen.setdefault(st, max(st.evidence - 1, 0))
         return self._roots
-
-    def has_new_gradients(self, st: "RootState") -> bool:
-        """Did a backward reach ``st``'s model (or a training forward that is presumed
-        backpropagated run) since this optimizer's previous step?"""
-        return self.seen.get(st, 0) != st.evidence
 
 
 class Guard:
@@ -398,6 +389,8 @@ class Guard:
             drain_released()
         roots = ost.roots(self, optimizer)
         seen = ost.seen
+        # Models with new gradients since this optimizer's previous step: a backward
+        # seen, or a training forward presumed backpropagated.
         fresh = [st for st in roots if seen.get(st) != st.evidence]
         # The common step: new gradients from forwards whose snapshots no step rule has
         # anything to say about. Then no rule is called at all.
@@ -528,7 +521,7 @@ class Guard:
             st.disarm()
             for h in st.handles + st.probe_handles:
                 h.remove()
-            st.handles, st.probe_handles, st.last_backprop, st.snapshot, st.source = [], [], None, None, None
+            st.handles, st.probe_handles, st.snapshot, st.source = [], [], None, None
             st.presumed.snapshot = st.presumed.allowed = None
             m = st.ref()
             if m is not None and _GUARDS.get(m) is self:
