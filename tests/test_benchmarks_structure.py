@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import modeguard
+import modeguard.guard as guard_module
 from modeguard import auto
 from modeguard.observe import snapshot as snapshot_module
 
@@ -116,16 +117,20 @@ def test_unchanged_modes_never_walk_the_model(monkeypatch, mode, depth):
     assert guard.violations == []
 
 
+@pytest.fixture
+def followed(monkeypatch):
+    """The ForwardRecord of every forward followed into its autograd graph."""
+    records = []
+    real_attach = guard_module.attach
+    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (records.append(rec), real_attach(rec, *a)))
+    return records
+
+
 @pytest.mark.parametrize("mode", ["watch", "auto"])
-def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(monkeypatch, mode):
+def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(followed, mode):
     # Following a forward into autograd (a pre-hook on its output's grad_fn, a Python
     # call inside backward) is the dearest thing modeguard does; an ordinary training
     # loop pays for it on about one forward in BACKWARD_SAMPLE.
-    import modeguard.guard as guard_module
-
-    followed = []
-    real_attach = guard_module.attach
-    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (followed.append(rec), real_attach(rec, *a)))
     model, opt, x, y = _setup()
     guard = modeguard.watch(model, opt, on_violation="record") if mode == "watch" else auto.start(on_violation="record")
     try:
@@ -169,12 +174,7 @@ def test_an_ordinary_step_calls_no_step_rule(monkeypatch):
     assert [v.code for v in guard.violations] == ["MG602", "MG101"]
 
 
-def test_backward_sample_one_follows_every_training_forward(monkeypatch):
-    import modeguard.guard as guard_module
-
-    followed = []
-    real_attach = guard_module.attach
-    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (followed.append(rec), real_attach(rec, *a)))
+def test_backward_sample_one_follows_every_training_forward(followed):
     model, opt, x, y = _setup()
     with modeguard.watch(model, opt, on_violation="record", backward_sample=1):
         _loop(model, opt, x, y, 20)
