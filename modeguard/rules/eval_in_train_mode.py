@@ -8,10 +8,11 @@ from ..observe.graph import ACTIVITY
 from ._base import Rule
 
 # Consecutive evaluation-like forwards (with no backward or step in between) before this
-# fires. A model that is itself trained (a backward or a step reached it), or a program that trains
-# nothing, is evaluating after two. A model that never gets a backward while others train
-# is a teacher, target network or momentum encoder: MoCo and BYOL run theirs two or more
-# times per step under no_grad in train mode on purpose, so only a long run counts.
+# fires. A model that is itself trained (a backward or a step reached it), or a program
+# that trains nothing, is evaluating after two. A model that never gets a backward while
+# others train is a teacher, target network or momentum encoder: MoCo and BYOL run theirs
+# two or more times per step under no_grad in train mode on purpose, so only a long run
+# counts.
 STREAK = 2
 STREAK_AUXILIARY = 8
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._config import Severity
 from ._base import Rule
 
+
 class FrozenBNDrift(Rule):
     code = "MG301"
     name = "frozen-bn-drift"
