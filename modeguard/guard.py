@@ -428,7 +428,7 @@ class Guard:
         if st.steps_since_refresh < len(snap.train_bn):
             return
         st.steps_since_refresh = 0
-        snap.refresh_frozen_bn()
+        snap.refresh_frozen(snap.train_bn)
         snap.step_quiet = self.step_quiet(snap)
 
     # ---- reporting (slow path) ----------------------------------------------------------

@@ -107,15 +107,10 @@ class ModeSnapshot:
     def _frozen_bn(self) -> tuple:
         return tuple(e for e in self.train_bn if e.own_frozen is True)
 
-    def refresh_frozen(self) -> None:
-        """requires_grad flips have no hook; rules call this on their slow path."""
-        for e in self.entries:
-            e.refresh_frozen()
-        self.frozen_bn_in_train = self._frozen_bn()
-
-    def refresh_frozen_bn(self) -> None:
-        """The part of refresh_frozen() that MG301 needs: BatchNorm modules in train."""
-        for e in self.train_bn:
+    def refresh_frozen(self, entries=None) -> None:
+        """requires_grad flips have no hook: re-read them, for ``entries`` (default all;
+        the guard's periodic re-read passes ``train_bn``, all that MG301 needs)."""
+        for e in self.entries if entries is None else entries:
             e.refresh_frozen()
         self.frozen_bn_in_train = self._frozen_bn()
 
