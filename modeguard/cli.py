@@ -67,14 +67,14 @@ def _split_run_argv(tokens: List[str]) -> Tuple[List[str], Optional[str], Option
     return tokens, None, None, []
 
 
-def _positive_int(text: str) -> int:
+def _backward_sample(text: str) -> int:
+    """--backward-sample: the same check as watch(backward_sample=...), argparse's error."""
+    from .guard import check_backward_sample
+
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+        return check_backward_sample(int(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _add_run_parser(sub) -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--on-violation", choices=("warn", "raise", "record"), default=None,
                    help="what happens when a rule fires while the program runs: record it for the summary "
                         "(default), also warn at the line, or raise in the program")
-    p.add_argument("--backward-sample", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--backward-sample", type=_backward_sample, default=None, metavar="N",
                    help="follow about one ordinary training forward in N into autograd to confirm its backward "
                         "(default 16; 1 checks every step for a skipped backward, at some cost per step)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table, not each problem's explanation")

@@ -239,7 +239,7 @@ class Guard:
         self._violations: List[Violation] = []
         self._by_key: dict = {}
         self.steps = 0
-        self.backward_sample = BACKWARD_SAMPLE if backward_sample is None else _check_sample(backward_sample)
+        self.backward_sample = BACKWARD_SAMPLE if backward_sample is None else check_backward_sample(backward_sample)
         self._rng = random.Random(0x6D67)  # fixed seed: a rerun follows the same forwards
         # Training seen before this guard (an earlier guard in the same process) must not
         # count as this program's training: MG201 compares against this mark.
@@ -594,7 +594,7 @@ def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> Mod
     return ModeMap(type(model).__name__, rows)
 
 
-def _check_sample(n) -> int:
+def check_backward_sample(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"backward_sample must be a positive int (1 follows every training forward), got {type(n).__name__} {n!r}")
     if n < 1:
