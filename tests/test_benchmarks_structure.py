@@ -1,5 +1,6 @@
 """Structural facts behind the overhead numbers (never timings), and a smoke run of the
-benchmark harness.
+benchmark harness. Also: watching adds no tensor operation at all, so on a GPU it cannot add a
+device synchronization (checked here on CPU with a dispatch-mode recorder).
 
 The hot path must not walk the module tree while modes stay the same: these tests count
 calls to ``named_modules``/``modules`` on the watched model and ``ModeSnapshot`` builds
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeguard
 import modeguard.guard as guard_module
@@ -179,6 +181,70 @@ def test_backward_sample_one_follows_every_training_forward(followed):
     with modeguard.watch(model, opt, on_violation="record", backward_sample=1):
         _loop(model, opt, x, y, 20)
     assert len(followed) == 20
+
+
+class _TensorOps(TorchDispatchMode):
+    """Every tensor operation that reaches the dispatcher, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _loop_with_every_path(model, opt, x, y):
+    """Ordinary steps, an evaluation with no_grad, one without (followed into its graph,
+    MG401), and the validate bug (a step in eval mode: MG101 and its report)."""
+    for i in range(40):
+        model.train()
+        _loop(model, opt, x, y, 1)
+        if i % 10 == 9:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            model(x)
+    _loop(model, opt, x, y, 1)
+
+
+@pytest.mark.parametrize("mode", ["watch", "auto"])
+@pytest.mark.parametrize("sample", [None, 1])
+def test_watching_adds_no_tensor_operation(mode, sample):
+    # Not one extra aten op, on the hot path or the slow one: modeguard never reads a
+    # tensor's value (on a GPU, that read would synchronize the device) and never copies
+    # or allocates a tensor. The same loop, unwatched and watched, dispatches the same ops.
+    def run(watched):
+        model, opt, x, y = _setup()
+        guard = None
+        if watched:
+            guard = (modeguard.watch(model, opt, on_violation="record", backward_sample=sample) if mode == "watch"
+                     else auto.start(on_violation="record", backward_sample=sample))
+        try:
+            with _TensorOps() as rec:
+                _loop_with_every_path(model, opt, x, y)
+        finally:
+            if watched:
+                guard.unwatch() if mode == "watch" else auto.stop()
+        return rec.ops, guard
+
+    plain, _ = run(False)
+    watched, guard = run(True)
+    assert {v.code for v in guard.violations} == {"MG401", "MG101"}  # the slow path ran too
+    assert len(plain) > 1000
+    assert watched == plain
+
+
+def test_op_recorder_sees_a_value_read():
+    # What the test above would catch: .item() or bool() of a tensor, a clone.
+    t = torch.ones(2, requires_grad=True)
+    with _TensorOps() as rec:
+        t.sum().item()
+        bool(t[0] > 0)
+        t.detach().clone()
+    assert rec.ops.count("aten._local_scalar_dense.default") == 2
+    assert "aten.clone.default" in rec.ops
 
 
 def test_counter_sees_a_walk(monkeypatch):
