@@ -1,0 +1,292 @@
+"""``python -m benchmarks.instructions [--only NAMES] [--setups KEYS] [--steps N] [--seeds K] [--json PATH] [--markdown PATH]``
+
+Instructions each setup adds per step, counted with valgrind's callgrind: the workloads and
+setups of ``python -m benchmarks``, measured without timing noise.
+
+On a small model the added time is a few tens of µs, against a step whose time moves by
+more than that from one timed block to the next, so a time-based comparison with the
+naive design decides the one-fifth target by chance. Executed instructions do not depend
+on what else the machine is doing. Each (workload, setup) runs in a process of its own
+under ``valgrind --tool=callgrind --instr-atstart=no``: import and warm-up run
+uninstrumented; then, per phase, the process turns instrumentation on through ``vgdb``,
+zeroes the counters, runs ``--steps`` steps and dumps.
+
+What is left to vary is incidental: CPython's hash seed and the history of a process shift
+which lookups collide in its caches, and that moves a small model's count by a few
+thousand instructions per step. So each setup runs under ``--seeds`` hash seeds; the
+tables show the median and the spread. A process per setup (not all setups in one
+process) because installing and removing a setup retags ``nn.Module``, which reshuffles
+the method cache for whatever is measured next. Cyclic garbage collection is off inside
+the measured window: it runs wherever allocation counts happen to put it. Sampled checks
+(modeguard follows about one ordinary forward in 16 into autograd, with a seeded RNG) are
+included in the average.
+
+Valgrind emulates the CPU: torch's kernels may take other code paths than natively (no
+AVX-512, for one), so baseline counts differ from a native run's; the Python code a setup
+adds is the same. Needs ``valgrind`` with ``vgdb`` on PATH (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+NAIVE_FRACTION = 0.2
+ORDER = ["baseline", "watch", "auto", "naive", "torcheck"]
+NAMES = {"baseline": "none", "watch": "modeguard.watch", "auto": "modeguard run", "naive": "naive hooks", "torcheck": "torcheck"}
+PHASES = ("train", "eval")
+WARMUP = 30  # uninstrumented steps first: Python's specialising interpreter and torch's caches settle
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the measured process (runs under valgrind) -------------------------------------------
+
+def _child(workload_name: str, key: str, steps: int, result_path: str) -> None:
+    import torch
+
+    from . import workloads
+    from .instruments import all_instruments
+
+    torch.set_num_threads(1)
+    (w,) = [x for x in workloads.cpu_workloads() if x.name == workload_name]
+    (inst,) = [i for i in all_instruments() if i.key == key]
+    pid = str(os.getpid())
+
+    def monitor(*cmd):
+        subprocess.run(["vgdb", f"--pid={pid}", *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    inst.install(w)
+    try:
+        for phase in PHASES:
+            op = w.operation(phase)
+            w.set_phase(phase)
+            for _ in range(WARMUP):
+                op()
+            gc.collect()
+            gc.disable()
+            try:
+                monitor("instrumentation", "on")
+                op()  # once instrumented before counting: nothing first-time is counted
+                monitor("zero")
+                for _ in range(steps):
+                    op()
+                monitor("dump")
+                monitor("instrumentation", "off")
+            finally:
+                gc.enable()
+    finally:
+        inst.uninstall(w)
+    with open(result_path, "w") as f:
+        json.dump({"phases": list(PHASES), "findings": inst.violations(), "n_modules": w.n_modules}, f)
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+def dump_total(path: str) -> int:
+    """The instruction count of a callgrind dump (its ``summary:`` line)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise ValueError(f"{path}: no 'summary:' line; is it a callgrind dump?")
+
+
+def measure(workload_name: str, key: str, seed: int, steps: int, workdir: str) -> dict:
+    """Instructions per step, by phase, of one setup of one workload under one hash seed."""
+    tag = f"{workload_name}.{key}.{seed}"
+    out = os.path.join(workdir, f"cg.{tag}")
+    result_path = os.path.join(workdir, f"result.{tag}.json")
+    cmd = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--vgdb=yes", f"--callgrind-out-file={out}",
+        sys.executable, "-m", "benchmarks.instructions", "--child", workload_name, key, str(steps), result_path,
+    ]
+    env = dict(os.environ, PYTHONHASHSEED=str(seed))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not os.path.exists(result_path):
+        raise RuntimeError(f"{tag}: the measured process failed:\n{proc.stderr[-3000:]}")
+    with open(result_path) as f:
+        info = json.load(f)
+    return {"workload": workload_name, "key": key, "seed": seed, "n_modules": info["n_modules"],
+            "findings": info["findings"],
+            "per_step": {ph: dump_total(f"{out}.{i}") / steps for i, ph in enumerate(info["phases"], start=1)}}
+
+
+def summarise(parts: list) -> list:
+    """One row per workload from the per-process measurements: per phase and setup the
+    median over seeds and its range; added instructions against the baseline's median;
+    modeguard's added work as a fraction of the naive design's, at the medians and at the
+    least favourable ends of the ranges."""
+    rows = []
+    for name in dict.fromkeys(p["workload"] for p in parts):
+        mine = [p for p in parts if p["workload"] == name]
+        keys = [k for k in ORDER if any(p["key"] == k for p in mine)]
+        row = {"workload": name, "n_modules": mine[0]["n_modules"], "seeds": sorted({p["seed"] for p in mine}),
+               "findings": {k: sum(p["findings"] for p in mine if p["key"] == k) for k in keys}, "phases": {}}
+        for phase in PHASES:
+            counts = {k: sorted(p["per_step"][phase] for p in mine if p["key"] == k) for k in keys}
+            med = {k: statistics.median(v) for k, v in counts.items()}
+            base = counts["baseline"]
+            cols = {k: {"median": med[k], "min": v[0], "max": v[-1], "added": med[k] - med["baseline"],
+                        # the added count if this setup's worst seed met the baseline's best
+                        "added_high": v[-1] - base[0], "added_low": v[0] - base[-1]}
+                    for k, v in counts.items()}
+            of_naive = {}
+            naive = cols.get("naive")
+            if naive and naive["added"] > 0:
+                for k in ("watch", "auto"):
+                    if k in cols:
+                        of_naive[k] = {"median": cols[k]["added"] / naive["added"],
+                                       "worst": cols[k]["added_high"] / max(naive["added_low"], 1.0)}
+            row["phases"][phase] = {"setups": cols, "of_naive": of_naive}
+        rows.append(row)
+    return rows
+
+
+def targets(rows: list) -> list:
+    out = []
+    for row in rows:
+        for phase, ph in row["phases"].items():
+            of = ph["of_naive"]
+            if "watch" in of and "auto" in of:
+                out.append({"workload": row["workload"], "phase": phase,
+                            "watch": of["watch"]["median"], "auto": of["auto"]["median"],
+                            "worst": max(of["watch"]["worst"], of["auto"]["worst"]),
+                            "met": max(of["watch"]["median"], of["auto"]["median"]) <= NAIVE_FRACTION})
+    return out
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        "# modeguard overhead in executed instructions (callgrind)",
+        "",
+        f"- date: {meta['date']}; total run time {meta['total_seconds']} s",
+        f"- {meta['valgrind']}, {meta['platform']}; torch {meta['torch']}, Python {meta['python']}, "
+        f"modeguard {meta['modeguard']} (commit {meta['modeguard_commit']})",
+        f"- {result['steps']} steps per measurement, one torch thread, each setup in its own process "
+        f"under {len(result['seeds'])} hash seeds ({', '.join(map(str, result['seeds']))})",
+        "",
+        "Instructions per step (median over the seeds). Added = the setup's median minus the "
+        "baseline's, with the range it could take between the seeds' extremes. The baseline's "
+        "range is the noise floor: what the hash seed alone moves.",
+        "",
+    ]
+    for phase, title in (("train", "Training step"), ("eval", "Evaluation forward")):
+        keys = [k for k in ORDER if k in result["rows"][0]["phases"][phase]["setups"]]
+        added = [k for k in keys if k != "baseline"]
+        lines += [f"## {title}", "",
+                  "| workload | baseline (range) | " + " | ".join(f"{NAMES[k]} added (range)" for k in added)
+                  + " | watch / naive | run / naive |",
+                  "|" + "---|" * (4 + len(added))]
+        for row in result["rows"]:
+            ph = row["phases"][phase]
+            c = ph["setups"]
+            b = c["baseline"]
+            cells = [f"{b['median']:,.0f} ({b['min']:,.0f} to {b['max']:,.0f})"]
+            cells += [f"{c[k]['added']:+,.0f} ({c[k]['added_low']:+,.0f} to {c[k]['added_high']:+,.0f})" for k in added]
+            cells += [f"{ph['of_naive'][k]['median']:.3f}" if k in ph["of_naive"] else "n/a" for k in ("watch", "auto")]
+            lines.append(f"| {row['workload']} ({row['n_modules']} modules) | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Target: modeguard's added work at most one fifth of the naive design's", "",
+              "Worst = the larger of the two modeguard fractions with modeguard at the top of its range "
+              "and the naive design at the bottom of its.", "",
+              "| workload | phase | modeguard.watch / naive | modeguard run / naive | worst | met |", "|---|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['workload']} | {t['phase']} | {t['watch']:.3f} | {t['auto']:.3f} | {t['worst']:.3f} | "
+                     f"{'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        _child(argv[1], argv[2], int(argv[3]), argv[4])
+        return 0
+    from .instruments import all_instruments
+
+    usable = [i.key for i in all_instruments() if i.key in ORDER and i.available() is None]
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__.splitlines()[2])
+    p.add_argument("--only", metavar="NAMES", default="mlp,resnet18,transformer",
+                   help="comma-separated CPU workloads (default: mlp,resnet18,transformer)")
+    p.add_argument("--setups", metavar="KEYS", default=",".join(usable),
+                   help=f"comma-separated setups, baseline included (default: {','.join(usable)})")
+    p.add_argument("--steps", type=int, default=24, help="steps per measurement (default 24)")
+    p.add_argument("--seeds", type=int, default=3, help="hash seeds per setup (default 3)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes at once (default: one per core)")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    keys = [k for k in args.setups.split(",") if k]
+    from . import workloads
+
+    known = [w.name for w in workloads.cpu_workloads()]
+    for n in names:
+        if n not in known:
+            p.error(f"--only: unknown workload {n!r}; expected some of {', '.join(known)}")
+    for k in keys:
+        if k not in usable:
+            p.error(f"--setups: {k!r} is not a usable setup here; expected some of {', '.join(usable)}")
+    if "baseline" not in keys:
+        p.error("--setups must include baseline: the other setups are measured against it")
+    if args.steps < 1 or args.seeds < 1 or args.jobs < 1:
+        p.error("--steps, --seeds and --jobs must be at least 1")
+    missing = [t for t in ("valgrind", "vgdb") if shutil.which(t) is None]
+    if missing:
+        print(f"python -m benchmarks.instructions needs {' and '.join(missing)} on PATH "
+              f"(apt-get install valgrind); nothing was measured.", file=sys.stderr)
+        return 2
+
+    import torch
+
+    import modeguard
+
+    from .__main__ import _git_commit
+
+    started = time.perf_counter()
+    seeds = list(range(args.seeds))
+    print(f"callgrind: {', '.join(names)} x {', '.join(keys)} x {args.seeds} seed(s), {args.steps} steps each", flush=True)
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="modeguard-callgrind-") as tmp, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        jobs = [pool.submit(measure, n, k, s, args.steps, tmp) for n in names for k in keys for s in seeds]
+        for fut in concurrent.futures.as_completed(jobs):
+            part = fut.result()
+            parts.append(part)
+            print(f"  {part['workload']} / {part['key']} / seed {part['seed']}: done", flush=True)
+    parts.sort(key=lambda q: (names.index(q["workload"]), keys.index(q["key"]), q["seed"]))
+    rows = summarise(parts)
+    version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__, "modeguard": modeguard.__version__,
+            "modeguard_commit": _git_commit(), "platform": platform.platform(), "valgrind": version,
+            "total_seconds": round(time.perf_counter() - started, 1),
+        },
+        "steps": args.steps, "seeds": seeds, "rows": rows, "targets": targets(rows), "measurements": parts,
+    }
+    text = markdown(result)
+    print()
+    print(text)
+    for path, content in ((args.json, json.dumps(result, indent=1) + "\n"), (args.markdown, text)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(content)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
