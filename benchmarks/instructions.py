@@ -43,11 +43,18 @@ import tempfile
 import time
 
 NAIVE_FRACTION = 0.2
-ORDER = ["baseline", "watch", "auto", "naive", "torcheck"]
-NAMES = {"baseline": "none", "watch": "modeguard.watch", "auto": "modeguard run", "naive": "naive hooks", "torcheck": "torcheck"}
+ORDER = ["baseline", "floor", "watch", "auto", "naive", "torcheck"]
+NAMES = {"baseline": "none", "floor": "empty hooks", "watch": "modeguard.watch", "auto": "modeguard run",
+         "naive": "naive hooks", "torcheck": "torcheck"}
 PHASES = ("train", "eval")
 WARMUP = 30  # uninstrumented steps first: Python's specialising interpreter and torch's caches settle
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _instruments() -> list:
+    from .instruments import HookFloor, all_instruments
+
+    return sorted([i for i in all_instruments() if i.key in ORDER] + [HookFloor()], key=lambda i: ORDER.index(i.key))
 
 
 # ---- the measured process (runs under valgrind) -------------------------------------------
@@ -56,11 +63,9 @@ def _child(workload_name: str, key: str, steps: int, result_path: str) -> None:
     import torch
 
     from . import workloads
-    from .instruments import all_instruments
-
     torch.set_num_threads(1)
     (w,) = [x for x in workloads.cpu_workloads() if x.name == workload_name]
-    (inst,) = [i for i in all_instruments() if i.key == key]
+    (inst,) = [i for i in _instruments() if i.key == key]
     pid = str(os.getpid())
 
     def monitor(*cmd):
@@ -213,14 +218,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child"]:
         _child(argv[1], argv[2], int(argv[3]), argv[4])
         return 0
-    from .instruments import all_instruments
-
-    usable = [i.key for i in all_instruments() if i.key in ORDER and i.available() is None]
+    usable = [i.key for i in _instruments() if i.available() is None]
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__.splitlines()[2])
     p.add_argument("--only", metavar="NAMES", default="mlp,resnet18,transformer",
                    help="comma-separated CPU workloads (default: mlp,resnet18,transformer)")
-    p.add_argument("--setups", metavar="KEYS", default=",".join(usable),
-                   help=f"comma-separated setups, baseline included (default: {','.join(usable)})")
+    default = [k for k in usable if k != "torcheck"]  # torcheck's cost is in the timing tables
+    p.add_argument("--setups", metavar="KEYS", default=",".join(default),
+                   help=f"comma-separated setups, baseline included, of {','.join(usable)} (default: {','.join(default)})")
     p.add_argument("--steps", type=int, default=24, help="steps per measurement (default 24)")
     p.add_argument("--seeds", type=int, default=3, help="hash seeds per setup (default 3)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes at once (default: one per core)")

@@ -128,6 +128,29 @@ class NaiveReference(Instrument):
         return self.eval_in_graph
 
 
+class HookFloor(Instrument):
+    """An empty forward hook on the model and an empty step pre-hook on the optimizer: what
+    any design built on PyTorch's hooks pays before its hooks do anything (a hooked module
+    runs on torch's slower call path). Counted by ``benchmarks.instructions`` only."""
+
+    key = "floor"
+    title = "empty forward hook + step pre-hook"
+
+    def __init__(self):
+        self._handles = []
+
+    def install(self, workload) -> None:
+        self._handles = [
+            workload.model.register_forward_hook(lambda module, args, output: None),
+            workload.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: None),
+        ]
+
+    def uninstall(self, workload) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 class Torcheck(Instrument):
     key = "torcheck"
     title = "torcheck"
