@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-instructions install clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Deterministic companion to `make bench` (needs valgrind; about 40 minutes on 2 cores).
+bench-instructions: $(STAMP)
+	$(PY) -m benchmarks.instructions --json benchmarks/results/instructions.json --markdown benchmarks/results/instructions.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

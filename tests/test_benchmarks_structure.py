@@ -313,3 +313,31 @@ def test_quick_run_end_to_end(tmp_path):
     if not torch.cuda.is_available():
         assert "CUDA is not available" in data["gpu"]
     assert "| mlp (11 modules) | train step |" in md.read_text()
+
+
+def test_amp_workloads_and_the_gpu_report_run_on_cpu():
+    # The GPU/AMP set runs only where CUDA is; its code (autocast, GradScaler, the GPU
+    # tables and targets) runs here on CPU, with a Transformer small enough for a test.
+    import argparse
+
+    from benchmarks import __main__ as bench_main, report
+    from benchmarks.workloads import TransformerClassifier, _classification
+
+    g = torch.Generator().manual_seed(0)
+    wls = [_classification("transformer", TransformerClassifier(d_model=32, heads=2, layers=1, ff=64),
+                           torch.randint(0, 1000, (4, 8), generator=g), 10, "cpu", amp) for amp in ("bf16", "fp16")]
+    assert wls[1].scaler is not None and wls[0].scaler is None
+    args = argparse.Namespace(rounds=1, block_time=0.02, threads=1, timer="cpu", quick=True)
+    instruments = [i for i in all_instruments() if i.available() is None]
+    rows = bench_main.run_set("GPU", wls, instruments, args, log=lambda *a: None)
+    assert [r["label"] for r in rows] == ["transformer [bf16]", "transformer [fp16]"]
+    assert all(v == 0 for r in rows for k, v in r["findings"].items() if k != "torcheck")
+    result = {"gpu": rows}
+    targets = report.check_targets(result)
+    names = [t["target"] for t in targets]
+    for label in ("transformer [bf16]", "transformer [fp16]"):
+        assert f"GPU {label} train-step ratio, modeguard.watch" in names
+        assert f"GPU {label} peak memory ratio, modeguard run" in names
+    assert not any("syncs" in n for n in names)  # counted on CUDA only
+    assert report.timing_table(rows).count("| transformer [fp16] (") == 2
+    assert "| transformer [bf16] |" in report.memory_table(rows)
