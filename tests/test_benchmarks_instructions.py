@@ -1,0 +1,115 @@
+"""The callgrind instruction counts (``python -m benchmarks.instructions``): reading the
+dumps, the medians and ranges over hash seeds, the target check, bad arguments, and one
+real measurement under valgrind where valgrind is installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import instructions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _part(key, seed, train, evalf, workload="mlp", findings=0):
+    return {"workload": workload, "key": key, "seed": seed, "n_modules": 11, "findings": findings,
+            "per_step": {"train": train, "eval": evalf}}
+
+
+def test_dump_total_reads_the_summary_line(tmp_path):
+    dump = tmp_path / "cg.1"
+    dump.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 123456\ntotals: 123999\n")
+    assert instructions.dump_total(str(dump)) == 123456
+    other = tmp_path / "notes.txt"
+    other.write_text("totals: 5\n")
+    with pytest.raises(ValueError, match="no 'summary:' line"):
+        instructions.dump_total(str(other))
+
+
+def test_summarise_takes_medians_over_seeds_and_the_extremes():
+    parts = []
+    for seed, jitter in enumerate((0, 3000, -2000)):
+        parts += [
+            _part("baseline", seed, 1_000_000 + jitter, 200_000 + jitter),
+            _part("watch", seed, 1_020_000 + jitter, 210_000 + jitter),
+            _part("auto", seed, 1_025_000 + jitter, 205_000 + jitter),
+            _part("naive", seed, 1_150_000 + jitter, 300_000 + jitter, findings=1),
+        ]
+    (row,) = instructions.summarise(parts)
+    assert row["seeds"] == [0, 1, 2]
+    assert row["findings"] == {"baseline": 0, "watch": 0, "auto": 0, "naive": 3}
+    train = row["phases"]["train"]
+    base, watch = train["setups"]["baseline"], train["setups"]["watch"]
+    assert (base["median"], base["min"], base["max"]) == (1_000_000, 998_000, 1_003_000)
+    assert watch["added"] == 20_000
+    assert (watch["added_low"], watch["added_high"]) == (15_000, 25_000)
+    assert train["of_naive"]["watch"]["median"] == pytest.approx(20_000 / 150_000)
+    assert train["of_naive"]["watch"]["worst"] == pytest.approx(25_000 / 145_000)
+    assert row["phases"]["eval"]["of_naive"]["auto"]["median"] == pytest.approx(5_000 / 100_000)
+
+    (t_train, t_eval) = instructions.targets([row])
+    assert t_train["met"] and t_eval["met"]
+    assert t_train["worst"] == pytest.approx(30_000 / 145_000)  # auto, at its worst
+
+
+def test_target_is_missed_when_modeguard_adds_more_than_a_fifth():
+    parts = [_part("baseline", 0, 1_000_000, 100_000), _part("watch", 0, 1_050_000, 101_000),
+             _part("auto", 0, 1_010_000, 101_000), _part("naive", 0, 1_200_000, 200_000)]
+    rows = instructions.summarise(parts)
+    t_train, t_eval = instructions.targets(rows)
+    assert t_train["watch"] == pytest.approx(0.25) and not t_train["met"]
+    assert t_eval["met"]
+    text = instructions.markdown({
+        "meta": {"date": "d", "total_seconds": 1, "valgrind": "valgrind-x", "platform": "p", "torch": "t",
+                 "python": "3", "modeguard": "0", "modeguard_commit": "c"},
+        "steps": 8, "seeds": [0], "rows": rows, "targets": [t_train, t_eval],
+    })
+    assert "| mlp | train | 0.250 | 0.050 | 0.250 | no |" in text
+    assert "+50,000 (+50,000 to +50,000)" in text
+
+
+def test_without_valgrind_it_says_what_is_missing(monkeypatch, capsys):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name in ("valgrind", "vgdb") else real_which(name))
+    assert instructions.main(["--only", "mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "needs valgrind and vgdb on PATH" in err and "nothing was measured" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "resnet50"], "unknown workload 'resnet50'"),
+    (["--setups", "watch,naive"], "--setups must include baseline"),
+    (["--setups", "baseline,nosuch"], "'nosuch' is not a usable setup"),
+    (["--steps", "0"], "must be at least 1"),
+])
+def test_bad_arguments_are_refused_with_what_was_expected(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        instructions.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("vgdb") is None,
+                    reason="valgrind (with vgdb) is not installed")
+def test_a_real_measurement_under_callgrind(tmp_path):
+    out = tmp_path / "i.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--only", "mlp", "--setups", "baseline,watch",
+         "--steps", "3", "--seeds", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    for phase in ("train", "eval"):
+        setups = row["phases"][phase]["setups"]
+        # a whole MLP step is millions of instructions; watching adds thousands, not millions
+        assert setups["baseline"]["median"] > 300_000
+        assert 1_000 < setups["watch"]["added"] < 200_000, phase
+    assert row["findings"] == {"baseline": 0, "watch": 0}
