@@ -389,13 +389,17 @@ class Guard:
             drain_released()
         roots = ost.roots(self, optimizer)
         seen = ost.seen
-        # Models with new gradients since this optimizer's previous step: a backward
-        # seen, or a training forward presumed backpropagated.
-        fresh = [st for st in roots if seen.get(st) != st.evidence]
-        # The common step: new gradients from forwards whose snapshots no step rule has
-        # anything to say about. Then no rule is called at all.
-        quiet = bool(fresh)
-        for st in fresh:
+        # Models with new gradients since this optimizer's previous step (a backward seen,
+        # or a training forward presumed backpropagated), in one pass with the test for the
+        # common step: new gradients only from forwards whose snapshots no step rule has
+        # anything to say about. Then no rule is called at all. (A loop, not a list
+        # comprehension: that is a function call of its own on Python 3.11.)
+        fresh = []
+        quiet = True
+        for st in roots:
+            if seen.get(st) == st.evidence:
+                continue
+            fresh.append(st)
             src = st.source
             if src is None:
                 quiet = False
@@ -406,6 +410,8 @@ class Guard:
                 self._refresh_frozen(st, snap)
             if not snap.step_quiet:
                 quiet = False
+        if not fresh:
+            quiet = False  # a step with no new gradients: MG602's to judge
         if not quiet:
             # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
             if args and args[0] is optimizer:
