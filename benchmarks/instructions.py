@@ -11,10 +11,12 @@ under ``valgrind --tool=callgrind --instr-atstart=no``: import and warm-up run
 uninstrumented; then, per phase, the process turns instrumentation on through ``vgdb``,
 zeroes the counters, runs ``--steps`` steps and dumps.
 
-What is left to vary is incidental: CPython's hash seed and the history of a process shift
-which lookups collide in its caches, and that moves a small model's count by a few
-thousand instructions per step. So each setup runs under ``--seeds`` hash seeds; the
-tables show the median and the spread. A process per setup (not all setups in one
+What is left to vary is incidental: CPython's hash seed, the addresses objects land at and
+the history of a process shift which lookups collide in hash tables and caches, and that
+moves a small model's count by a few thousand instructions per step. Address-space
+randomisation is turned off (``setarch -R``, on Linux), so a rerun gives the same counts;
+each setup runs under ``--seeds`` hash seeds, and the tables show the median and the
+spread. A process per setup (not all setups in one
 process) because installing and removing a setup retags ``nn.Module``, which reshuffles
 the method cache for whatever is measured next. Cyclic garbage collection is off inside
 the measured window: it runs wherever allocation counts happen to put it. Sampled checks
@@ -107,6 +109,14 @@ def dump_total(path: str) -> int:
     raise ValueError(f"{path}: no 'summary:' line; is it a callgrind dump?")
 
 
+def fixed_layout() -> bool:
+    """Whether processes can run with address-space randomisation off (``setarch -R``).
+    With it on, the addresses that C++ hash maps (the autograd engine's among them) and
+    id()-keyed dicts hash differ from run to run, and so do the counts, by thousands of
+    instructions per step; with it off, a rerun gives the same counts exactly."""
+    return sys.platform.startswith("linux") and shutil.which("setarch") is not None
+
+
 def measure(workload_name: str, key: str, seed: int, steps: int, workdir: str) -> dict:
     """Instructions per step, by phase, of one setup of one workload under one hash seed."""
     tag = f"{workload_name}.{key}.{seed}"
@@ -116,6 +126,8 @@ def measure(workload_name: str, key: str, seed: int, steps: int, workdir: str) -
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--vgdb=yes", f"--callgrind-out-file={out}",
         sys.executable, "-m", "benchmarks.instructions", "--child", workload_name, key, str(steps), result_path,
     ]
+    if fixed_layout():
+        cmd = ["setarch", platform.machine(), "-R"] + cmd
     env = dict(os.environ, PYTHONHASHSEED=str(seed))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not os.path.exists(result_path):
@@ -180,7 +192,8 @@ def markdown(result: dict) -> str:
         f"- {meta['valgrind']}, {meta['platform']}; torch {meta['torch']}, Python {meta['python']}, "
         f"modeguard {meta['modeguard']} (commit {meta['modeguard_commit']})",
         f"- {result['steps']} steps per measurement, one torch thread, each setup in its own process "
-        f"under {len(result['seeds'])} hash seeds ({', '.join(map(str, result['seeds']))})",
+        f"under {len(result['seeds'])} hash seeds ({', '.join(map(str, result['seeds']))}), address-space "
+        f"randomisation {'off (setarch -R): a rerun gives the same counts' if meta.get('fixed_layout') else 'on'}",
         "",
         "Instructions per step (median over the seeds). Added = the setup's median minus the "
         "baseline's, with the range it could take between the seeds' extremes. The baseline's "
@@ -279,6 +292,7 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "python": platform.python_version(), "torch": torch.__version__, "modeguard": modeguard.__version__,
             "modeguard_commit": _git_commit(), "platform": platform.platform(), "valgrind": version,
+            "fixed_layout": fixed_layout(),
             "total_seconds": round(time.perf_counter() - started, 1),
         },
         "steps": args.steps, "seeds": seeds, "rows": rows, "targets": targets(rows), "measurements": parts,

@@ -67,11 +67,12 @@ def test_target_is_missed_when_modeguard_adds_more_than_a_fifth():
     assert t_eval["met"]
     text = instructions.markdown({
         "meta": {"date": "d", "total_seconds": 1, "valgrind": "valgrind-x", "platform": "p", "torch": "t",
-                 "python": "3", "modeguard": "0", "modeguard_commit": "c"},
+                 "python": "3", "modeguard": "0", "modeguard_commit": "c", "fixed_layout": True},
         "steps": 8, "seeds": [0], "rows": rows, "targets": [t_train, t_eval],
     })
     assert "| mlp | train | 0.250 | 0.050 | 0.250 | no |" in text
     assert "+50,000 (+50,000 to +50,000)" in text
+    assert "randomisation off (setarch -R)" in text
 
 
 def test_without_valgrind_it_says_what_is_missing(monkeypatch, capsys):
