@@ -2,7 +2,9 @@
 produce. The buggy loops are the mistakes people make; the correct ones are the
 legitimate look-alikes that must stay silent."""
 
+import contextlib
 import copy
+import functools
 import warnings
 
 import pytest
@@ -100,21 +102,41 @@ def _clean(monkeypatch):
 # ---- the validate-inside-the-loop bug ------------------------------------------------------------
 
 
-def _classification_run(validate, fix_train_mode, epochs=3):
+def _classification_run(validate, fix_train_mode, epochs=3, amp=None, overflow_at=()):
+    """The classifier trained for ``epochs``, with ``validate`` after each. ``amp`` runs it
+    all under torch.autocast on CPU: "bf16", or "fp16" with a GradScaler; ``overflow_at``
+    names steps whose gradients are made infinite, so that the scaler skips them."""
     x, y = make_data()
     xv, yv = make_data(48, seed=1)
     model = Classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if amp is None:
+        autocast = contextlib.nullcontext
+    else:
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
     accs = []
+    step = 0
     with modeguard.watch(model, opt, on_violation="record") as guard:
         for _ in range(epochs):
             if fix_train_mode:
                 model.train()
             for xb, yb in batches(x, y):
                 opt.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                opt.step()
-            accs.append(validate(model, xv, yv))
+                with autocast():
+                    loss = F.cross_entropy(model(xb), yb)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    if step in overflow_at:
+                        model.fc1.weight.grad.fill_(float("inf"))
+                    scaler.step(opt)  # skips opt.step() when the gradients overflowed
+                    scaler.update()
+                step += 1
+            with autocast():
+                accs.append(validate(model, xv, yv))
     return guard, accs
 
 
@@ -428,42 +450,9 @@ def test_swa_averaged_model_and_update_bn_are_silent():
 # ---- mixed precision: autocast and GradScaler ----------------------------------------------------
 
 
-def _amp_run(amp, validate, fix_train_mode, epochs=3, overflow_at=()):
-    """A training loop under torch.autocast (bf16, or fp16 with a GradScaler), on CPU.
-    ``overflow_at``: steps whose gradients are made infinite, so the scaler skips them."""
-    x, y = make_data()
-    xv, yv = make_data(48, seed=1)
-    model = Classifier()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
-    step = 0
-    with modeguard.watch(model, opt, on_violation="record") as guard:
-        for _ in range(epochs):
-            if fix_train_mode:
-                model.train()
-            for xb, yb in batches(x, y):
-                opt.zero_grad()
-                with torch.autocast("cpu", dtype=dtype):
-                    loss = F.cross_entropy(model(xb), yb)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    if step in overflow_at:
-                        model.fc1.weight.grad.fill_(float("inf"))
-                    scaler.step(opt)  # skips opt.step() when the gradients overflowed
-                    scaler.update()
-                step += 1
-            with torch.autocast("cpu", dtype=dtype):
-                validate(model, xv, yv)
-    return guard, opt
-
-
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_correct_loop_is_silent(amp):
-    guard, _ = _amp_run(amp, _validate_no_grad, fix_train_mode=True)
+    guard, _ = _classification_run(_validate_no_grad, fix_train_mode=True, amp=amp)
     assert codes(guard) == set()
     assert guard.steps == 18
 
@@ -471,14 +460,14 @@ def test_amp_correct_loop_is_silent(amp):
 def test_amp_steps_skipped_by_the_grad_scaler_are_silent():
     # An overflow makes GradScaler.step skip optimizer.step(): that step's backward then
     # has no step, and the next step follows a backward of its own. Nothing is wrong.
-    guard, _ = _amp_run("fp16", _validate_no_grad, fix_train_mode=True, overflow_at={2, 3, 9})
+    guard, _ = _classification_run(_validate_no_grad, fix_train_mode=True, amp="fp16", overflow_at={2, 3, 9})
     assert codes(guard) == set()
     assert guard.steps == 15
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_validate_bug_is_step_in_eval(amp):
-    guard, _ = _amp_run(amp, _validate_no_grad, fix_train_mode=False)
+    guard, _ = _classification_run(_validate_no_grad, fix_train_mode=False, amp=amp)
     assert codes(guard) == {"MG101"}
     (v,) = guard.violations
     assert v.first_step == 6 and v.count == 12
@@ -487,5 +476,5 @@ def test_amp_validate_bug_is_step_in_eval(amp):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_evaluation_with_grad_is_eval_graph_unused(amp):
-    guard, _ = _amp_run(amp, _validate_with_grad, fix_train_mode=True)
+    guard, _ = _classification_run(_validate_with_grad, fix_train_mode=True, amp=amp)
     assert codes(guard) == {"MG401"}
