@@ -13,15 +13,15 @@ zeroes the counters, runs ``--steps`` steps and dumps.
 
 What is left to vary is incidental: CPython's hash seed, the addresses objects land at and
 the history of a process shift which lookups collide in hash tables and caches, and that
-moves a small model's count by a few thousand instructions per step. Address-space
-randomisation is turned off (``setarch -R``, on Linux), so a rerun gives the same counts;
-each setup runs under ``--seeds`` hash seeds, and the tables show the median and the
-spread. A process per setup (not all setups in one
-process) because installing and removing a setup retags ``nn.Module``, which reshuffles
-the method cache for whatever is measured next. Cyclic garbage collection is off inside
-the measured window: it runs wherever allocation counts happen to put it. Sampled checks
-(modeguard follows about one ordinary forward in 16 into autograd, with a seeded RNG) are
-included in the average.
+moves a small model's count by thousands of instructions per step (by tens of thousands
+under an unlucky seed). Address-space randomisation is turned off (``setarch -R``, on
+Linux), so a rerun gives the same counts; each setup runs under ``--seeds`` hash seeds,
+and the tables show the median and the spread. A process per setup, not all setups in
+one process, because installing and removing a setup retags ``nn.Module``, which
+reshuffles the method cache for whatever is measured next. Cyclic garbage collection is
+off inside the measured window: it runs wherever allocation counts happen to put it.
+Sampled checks (modeguard follows about one ordinary forward in 16 into autograd, with a
+seeded RNG) are included in the average.
 
 Valgrind emulates the CPU: torch's kernels may take other code paths than natively (no
 AVX-512, for one), so baseline counts differ from a native run's; the Python code a setup
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         _child(argv[1], argv[2], int(argv[3]), argv[4])
         return 0
     usable = [i.key for i in _instruments() if i.available() is None]
-    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__.splitlines()[2])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description="Instructions each setup adds per step, counted with callgrind (needs valgrind).")
     # The MLP by default: it is where timing cannot decide, and it is quick under valgrind.
     # The ResNet's convolutions run so slowly there that one setup takes over ten minutes.
     p.add_argument("--only", metavar="NAMES", default="mlp",
