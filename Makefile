@@ -27,7 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
-# Deterministic companion to `make bench` for the MLP (needs valgrind; about 8 minutes on 2 cores).
+# Deterministic companion to `make bench` for the MLP (needs valgrind; about 10 minutes on 2 cores).
 bench-instructions: $(STAMP)
 	$(PY) -m benchmarks.instructions --json benchmarks/results/instructions.json --markdown benchmarks/results/instructions.md
 
