@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import gc
 import json
 import os
@@ -44,10 +43,9 @@ import sys
 import tempfile
 import time
 
-NAIVE_FRACTION = 0.2
+from .report import NAIVE_FRACTION, NAMES
+
 ORDER = ["baseline", "floor", "watch", "auto", "naive", "torcheck"]
-NAMES = {"baseline": "none", "floor": "empty hooks", "watch": "modeguard.watch", "auto": "modeguard run",
-         "naive": "naive hooks", "torcheck": "torcheck"}
 PHASES = ("train", "eval")
 WARMUP = 30  # uninstrumented steps first: Python's specialising interpreter and torch's caches settle
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,13 +265,10 @@ def main(argv=None) -> int:
               f"(apt-get install valgrind); nothing was measured.", file=sys.stderr)
         return 2
 
-    import torch
-
-    import modeguard
-
-    from .__main__ import _git_commit
+    from .__main__ import machine_info
 
     started = time.perf_counter()
+    meta = machine_info(threads=1)
     seeds = list(range(args.seeds))
     print(f"callgrind: {', '.join(names)} x {', '.join(keys)} x {args.seeds} seed(s), {args.steps} steps each", flush=True)
     parts = []
@@ -287,14 +282,9 @@ def main(argv=None) -> int:
     parts.sort(key=lambda q: (names.index(q["workload"]), keys.index(q["key"]), q["seed"]))
     rows = summarise(parts)
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    meta.update(valgrind=version, fixed_layout=fixed_layout(), total_seconds=round(time.perf_counter() - started, 1))
     result = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": platform.python_version(), "torch": torch.__version__, "modeguard": modeguard.__version__,
-            "modeguard_commit": _git_commit(), "platform": platform.platform(), "valgrind": version,
-            "fixed_layout": fixed_layout(),
-            "total_seconds": round(time.perf_counter() - started, 1),
-        },
+        "meta": meta,
         "steps": args.steps, "seeds": seeds, "rows": rows, "targets": targets(rows), "measurements": parts,
     }
     text = markdown(result)

@@ -12,6 +12,7 @@ NAMES = {
     "auto": "modeguard run",
     "naive": "naive hooks",
     "torcheck": "torcheck",
+    "floor": "empty hooks",  # benchmarks.instructions only
 }
 #: Ratio targets for modeguard's step time over the baseline's (CPU; GPU under AMP).
 CPU_RATIO = {"mlp": 1.05, "resnet18": 1.02, "transformer": 1.02}
