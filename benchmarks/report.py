@@ -195,7 +195,8 @@ def markdown(result: dict) -> str:
         memory_table(result.get("cpu", [])),
         "",
     ]
-    if calls_table(result.get("cpu", [])):
+    calls = calls_table(result.get("cpu", []))
+    if calls:
         out += [
             "## CPU: added function calls per training step (deterministic)",
             "",
@@ -203,7 +204,7 @@ def markdown(result: dict) -> str:
             "sys.setprofile, averaged over 32 steps): the work that the timing above measures "
             "through the machine's noise.",
             "",
-            calls_table(result["cpu"]),
+            calls,
             "",
         ]
     if result.get("scaling"):

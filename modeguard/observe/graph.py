@@ -6,9 +6,8 @@ forward), the distinct ``grad_fn`` nodes of its outputs get a backward pre-hook
 (PyTorch's ``Node.register_prehook``) that marks the forward's record as used. The graph
 owns that hook object and drops it when the graph is freed, so the hook doubles as the
 sentinel: when it dies and nothing backpropagated through it, the record goes on a queue
-that the next hook call drains. Nodes are not
-weak-referenceable, and holding tensors would keep activations alive, so this is how a
-graph's fate is learnt without owning it.
+that the next hook call drains. Nodes are not weak-referenceable, and holding tensors
+would keep activations alive, so this is how a graph's fate is learnt without owning it.
 """
 
 from __future__ import annotations
