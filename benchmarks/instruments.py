@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 import modeguard
-from modeguard import auto
+from modeguard import _auto as auto
 
 
 class Instrument:

@@ -2,8 +2,9 @@
 
     guard = modeguard.watch(model, optimizer)
 
-The public face only re-exports; the pieces live in observe/ (hooks), rules/ (checks),
-report/ (output) and one thin module per entry point. Names are loaded on first use
+The public face only re-exports; the pieces live in private modules (``_guard``,
+``_hotpath``, ``_state``, ``_auto``), observe/ (how modes, sensitivity and graphs are
+seen), rules/ (checks), report/ (output) and one thin module per entry point. Names are loaded on first use
 (PEP 562), so that merely having modeguard installed (its pytest plugin is loaded by
 every pytest run) does not import torch.
 """
@@ -11,17 +12,44 @@ every pytest run) does not import torch.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from ._config import OnViolation, Severity
+from ._config import FailOn, OnViolation, Severity
 from ._exceptions import ModeGuardError, ModeGuardInfo, ModeGuardWarning
 from ._version import __version__
 
+if TYPE_CHECKING:
+    # What the lazy names below resolve to, spelled out for IDEs and type checkers; a
+    # test keeps this block equal to what __getattr__ returns at run time.
+    from ._guard import Guard, watch
+    from ._markers import allow, frozen, unfreeze
+    from .observe.modes import ModeSite
+    from .observe.sensitivity import register_sensitive
+    from .report import ModeMap, Report, Violation
+    from .rules import RULES, Rule, get_rule
+
+    class StepInEvalWarning(ModeGuardWarning): ...
+    class StepInEvalInfo(ModeGuardInfo, StepInEvalWarning): ...
+    class StepInEvalError(ModeGuardError): ...
+    class EvalInTrainModeWarning(ModeGuardWarning): ...
+    class EvalInTrainModeInfo(ModeGuardInfo, EvalInTrainModeWarning): ...
+    class EvalInTrainModeError(ModeGuardError): ...
+    class FrozenBNDriftWarning(ModeGuardWarning): ...
+    class FrozenBNDriftInfo(ModeGuardInfo, FrozenBNDriftWarning): ...
+    class FrozenBNDriftError(ModeGuardError): ...
+    class EvalGraphUnusedWarning(ModeGuardWarning): ...
+    class EvalGraphUnusedInfo(ModeGuardInfo, EvalGraphUnusedWarning): ...
+    class EvalGraphUnusedError(ModeGuardError): ...
+    class StepWithoutBackwardWarning(ModeGuardWarning): ...
+    class StepWithoutBackwardInfo(ModeGuardInfo, StepWithoutBackwardWarning): ...
+    class StepWithoutBackwardError(ModeGuardError): ...
+
 _LAZY = {
-    "watch": ".guard",
-    "Guard": ".guard",
-    "frozen": ".markers",
-    "unfreeze": ".markers",
-    "allow": ".markers",
+    "watch": "._guard",
+    "Guard": "._guard",
+    "frozen": "._markers",
+    "unfreeze": "._markers",
+    "allow": "._markers",
     "register_sensitive": ".observe.sensitivity",
     "ModeSite": ".observe.modes",
     "Violation": ".report",
@@ -31,9 +59,11 @@ _LAZY = {
     "Rule": ".rules",
     "get_rule": ".rules",
 }
-_SUBMODULES = {"auto", "cli", "demo", "guard", "markers", "observe", "report", "rules", "testing"}
+# The public submodules; everything named with a leading underscore, and observe/, is
+# implementation and may change between releases.
+_SUBMODULES = {"demo", "observe", "report", "rules", "testing"}
 _EAGER = [
-    "OnViolation", "Severity", "ModeGuardError", "ModeGuardInfo", "ModeGuardWarning", "__version__",
+    "FailOn", "OnViolation", "Severity", "ModeGuardError", "ModeGuardInfo", "ModeGuardWarning", "__version__",
 ]
 
 

@@ -1,5 +1,5 @@
 """``python -m modeguard ...``: the same CLI as the ``modeguard`` command."""
 
-from .cli import main
+from ._cli import main
 
 raise SystemExit(main())

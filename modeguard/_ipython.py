@@ -3,7 +3,7 @@
 Turns on the same automatic watching as ``modeguard run`` for the cells that follow and,
 after each cell, shows under it the violations that cell produced, once. The
 ``%modeguard`` line magic pauses, resumes, reports and draws mode maps. A thin layer over
-:mod:`modeguard.auto`: reports render themselves (HTML in Jupyter, text in a terminal);
+:mod:`modeguard._auto`: reports render themselves (HTML in Jupyter, text in a terminal);
 this module only decides what to show when, and names cells ``In[5]`` instead of the
 kernel's temporary file names.
 """
@@ -16,9 +16,9 @@ from typing import List, Optional
 
 import torch.nn as nn
 
-from . import auto
+from . import _auto as auto
 from ._frames import Location
-from .guard import build_mode_map
+from ._guard import build_mode_map
 from .observe import modes
 from .report import ModeMap, Report, Violation
 

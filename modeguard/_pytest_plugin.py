@@ -138,10 +138,11 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(str(exc)) from None
     rules, rules_from = _pick(config, "modeguard_rules", ENV_RULES, INI_RULES)
     if rules:
-        from ._config import parse_rule_overrides
+        from ._config import parse_rules
+        from .rules import rule_code
 
         try:
-            parse_rule_overrides(rules)
+            parse_rules(rules, rule_code)
         except ValueError as exc:
             raise pytest.UsageError(f"{_source_name(rules_from, ENV_RULES, INI_RULES, '--modeguard-rules')}: {exc}") from None
     return Settings(bool(auto), auto_from, fail_on, level_from, rules or "")
@@ -180,9 +181,10 @@ def _plan(item: pytest.Item) -> Plan:
     s = item.config.stash[_SETTINGS]
     plan = Plan(auto=s.auto, fail_on=s.fail_on, rules={})
     if s.rules:
-        from ._config import parse_rule_overrides
+        from ._config import parse_rules
+        from .rules import rule_code
 
-        plan.rules = parse_rule_overrides(s.rules)
+        plan.rules = parse_rules(s.rules, rule_code)
     for mark in item.iter_markers():  # closest first: the test's own marker wins
         if mark.name == "no_modeguard":
             plan.auto = False
@@ -194,7 +196,8 @@ def _plan(item: pytest.Item) -> Plan:
 
 
 def _apply_marker(plan: Plan, mark) -> None:
-    from ._config import parse_rule_overrides
+    from ._config import parse_rules
+    from .rules import rule_code
 
     unknown = set(mark.kwargs) - {"rules", "fail_on", "frozen"}
     if mark.args or unknown:
@@ -205,7 +208,7 @@ def _apply_marker(plan: Plan, mark) -> None:
         if mark.kwargs.get("fail_on") is not None:
             plan.fail_on = parse_fail_on(mark.kwargs["fail_on"], "fail_on")
         if mark.kwargs.get("rules") is not None:
-            plan.rules = {**plan.rules, **parse_rule_overrides(mark.kwargs["rules"])}
+            plan.rules = {**plan.rules, **parse_rules(mark.kwargs["rules"], rule_code)}
     except ValueError as exc:
         pytest.fail(f"@pytest.mark.modeguard: {exc}", pytrace=False)
     frozen = mark.kwargs.get("frozen")
@@ -250,7 +253,7 @@ class _AutoWatch:
     whole run is under ``modeguard run``), its guard is shared, not stopped."""
 
     def __init__(self, plan: Plan):
-        from . import auto
+        from . import _auto as auto
 
         self._auto = auto
         self.owned = not auto.active()
@@ -348,8 +351,8 @@ class ModeGuardFixture:
 
     def watch(self, model, *optimizers, **kwargs):
         """``modeguard.watch()`` that records instead of warning, and is undone after the test."""
-        from . import auto
-        from .guard import guard_of, watch
+        from . import _auto as auto
+        from ._guard import guard_of, watch
 
         existing = guard_of(model)
         if existing is not None and existing is auto.current():
@@ -379,13 +382,13 @@ class ModeGuardFixture:
 
     @staticmethod
     def frozen(*modules):
-        from .markers import frozen
+        from ._markers import frozen
 
         return frozen(*modules)
 
     @staticmethod
     def allow(*codes):
-        from .markers import allow
+        from ._markers import allow
 
         return allow(*codes)
 

@@ -59,7 +59,7 @@ def train(epochs: int = 3, batch: int = 32):
 
 def main() -> int:
     """Run the demo under automatic watching and print the report."""
-    from . import auto
+    from . import _auto as auto
 
     print("Training a small classifier whose validate() forgets model.train() ...\n")
     guard = auto.start(on_violation="record")

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
-from modeguard import auto
+from modeguard import _auto as auto
 from modeguard.observe import modes
 
 

@@ -20,8 +20,9 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeguard
-import modeguard.guard as guard_module
-from modeguard import auto
+import modeguard._guard as guard_module
+from modeguard._config import DEFAULT_BACKWARD_SAMPLE
+from modeguard import _auto as auto
 from modeguard.observe import snapshot as snapshot_module
 
 from benchmarks.instruments import all_instruments
@@ -139,7 +140,7 @@ def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(follo
         _loop(model, opt, x, y, 320)
     finally:
         guard.unwatch() if mode == "watch" else auto.stop()
-    expected = 320 / guard_module.BACKWARD_SAMPLE
+    expected = 320 / DEFAULT_BACKWARD_SAMPLE
     assert expected / 2 <= len(followed) <= expected * 2
     assert all(rec.used for rec in followed)  # each followed forward saw its backward
     assert guard.violations == []

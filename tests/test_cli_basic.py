@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import modeguard
-from modeguard import cli
+from modeguard import _cli as cli
 
 
 def _run(*args):

@@ -2,7 +2,7 @@
 the summary, exit status and JSON report say what modeguard found.
 
 Subprocess tests go through ``python -m modeguard run`` exactly as users do; the rest
-call ``modeguard.cli.main`` in-process, which runs the same code faster.
+call ``modeguard._cli.main`` in-process, which runs the same code faster.
 """
 
 import io
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from modeguard import auto, cli
+from modeguard import _auto as auto, _cli as cli
 from modeguard._version import __version__
 from modeguard.observe import modes
 from modeguard.report.schema import REPORT_SCHEMA, validate

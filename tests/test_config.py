@@ -5,7 +5,12 @@ import pytest
 
 import modeguard
 from modeguard import OnViolation, Severity
-from modeguard._config import Config, env_on_violation, parse_rule_overrides
+from modeguard._config import Config, parse_rules, resolve
+from modeguard.rules import rule_code
+
+
+def parse_rule_overrides(rules):
+    return parse_rules(rules, rule_code)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -75,6 +80,12 @@ def test_config_repr_shows_only_differences():
     r = repr(Config(on_violation=OnViolation.RAISE))
     assert r.startswith("Config(on_violation=") and "RAISE" in r and "severities" not in r
     assert "severities" in repr(Config(severities={"MG401": Severity.OFF}))
+
+
+def env_on_violation():
+    """The action the environment chooses, if any (None: it chooses nothing)."""
+    config = resolve(settings=("on_violation",))
+    return config.on_violation if config.sources.get("on_violation") == "MODEGUARD" else None
 
 
 def test_env_on_violation(monkeypatch):

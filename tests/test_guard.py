@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import modeguard
-from modeguard.guard import guard_of
+from modeguard._guard import guard_of
 from modeguard.observe import modes
 
 
@@ -521,5 +521,5 @@ def test_a_model_in_steady_training_carries_one_hook_and_mode_changes_arm_a_one_
         assert len(model._forward_pre_hooks) == 0
     finally:
         guard.unwatch()
-    assert guard._arm_roots not in modes.ON_EPOCH
+    assert id(guard) not in modes.ON_EPOCH
     assert len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 0

@@ -19,7 +19,7 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
 import modeguard
-from modeguard import auto
+from modeguard import _auto as auto
 from modeguard.observe import modes
 
 SETUP = """

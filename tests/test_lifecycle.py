@@ -17,7 +17,7 @@ import torch.nn as nn
 import wrapt
 
 import modeguard
-from modeguard.guard import guard_of
+from modeguard._guard import guard_of
 from modeguard.observe import modes
 from modeguard.observe.modes import HOOK_MARK
 

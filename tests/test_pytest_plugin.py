@@ -7,7 +7,7 @@ process has already imported, which a subprocess would spend seconds importing a
 
 import pytest
 
-from modeguard import auto
+from modeguard import _auto as auto
 from modeguard.observe import modes
 
 pytest_plugins = ["pytester"]
@@ -186,7 +186,7 @@ def test_fixture_follows_every_forward_so_one_skipped_backward_fails_the_test(su
 def test_fixture_alone_patches_nothing_outside_its_test(suite):
     suite.makepyfile(test_pg_fx='''
         import torch.nn as nn
-        from modeguard import auto
+        from modeguard import _auto as auto
         from modeguard.observe import modes
         from pg_loops import make
 

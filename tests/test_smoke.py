@@ -1,7 +1,7 @@
 """A first end-to-end check that the demo's bug is found (the full suite lives beside it)."""
 
 import modeguard
-from modeguard import auto
+from modeguard import _auto as auto
 from modeguard.demo import train
 
 

@@ -6,10 +6,10 @@ Every mode change goes through ``nn.Module.__setattr__("training", ...)`` (``tra
 and records the user's line. A second patch on ``nn.Module.train`` remembers the outermost
 call, so one ``model.eval()`` over a thousand modules costs one stack walk, and recognises
 a model's own ``train()`` override that puts children back in eval (mmdetection's
-``norm_eval``): those are intentional. A third patch on ``nn.Module.__getstate__`` keeps
-modeguard's hooks out of pickles and deep copies. Torch has no hook for any of these;
-module and parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH``.
-All of it is installed while at least one guard is active and removed with the last one.
+``norm_eval``): those are intentional. Torch has no hook for either; module and
+parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH``. The same
+install adds pickling's hook stripping (``pickling.py``). All of it goes through
+``_patches.SharedPatches``: installed with the first active guard, removed with the last.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import torch.nn as nn
 import wrapt
 
 from .._frames import Location, user_frame, user_location, _is_internal
+from .._patches import Patches, SharedPatches
+from . import pickling
 
 #: Bumped on every change of any module's ``training`` flag (and on frozen() marks).
 MODE_EPOCH = [0]
 #: Bumped when a submodule or parameter is registered anywhere.
 STRUCTURE_EPOCH = [0]
 
-#: Attribute set on every hook function modeguard registers, so pickling can strip them.
-HOOK_MARK = "_modeguard_hook"
+HOOK_MARK = pickling.HOOK_MARK  # kept importable here for existing callers
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,29 @@ def last_set(module: nn.Module) -> Optional[ModeSite]:
     return _sites.get(module)
 
 
-#: Called with no arguments after either epoch moves: guards use it to arm the one-shot
-#: pre-hooks that rebuild their snapshots before the next forward.
-ON_EPOCH: list = []
+#: id(guard) -> weak reference to a guard whose roots carry a one-shot pre-hook to arm
+#: after either epoch moves. Weak, so a guard dropped without unwatch() is freed and
+#: never slows down mode changes; a dict of refs, so that another thread adding a guard
+#: while this one iterates cannot break the user's train()/eval().
+ON_EPOCH: dict = {}
 
 
 def _epoch_moved() -> None:
-    for callback in ON_EPOCH:
-        callback()
+    if ON_EPOCH:
+        for ref in tuple(ON_EPOCH.values()):
+            guard = ref()
+            if guard is not None:
+                guard.arm_roots()
+
+
+def listen(guard) -> None:
+    """Call ``guard.arm_roots()`` after every mode or structure change, while it lives."""
+    key = id(guard)
+    ON_EPOCH[key] = weakref.ref(guard, lambda _r, key=key: ON_EPOCH.pop(key, None))
+
+
+def unlisten(guard) -> None:
+    ON_EPOCH.pop(id(guard), None)
 
 
 def bump_mode_epoch() -> None:
@@ -170,51 +186,12 @@ def _setattr_wrapper(wrapped, instance, args, kwargs):
         if old is not None and old != args[1]:
             try:
                 _note_training(instance, args[1])
-            except TypeError:
-                # A module class with __eq__ and no __hash__ cannot key the weak site
-                # table: its mode change still counts (the epoch moved), its site is lost.
-                # Never break the user's eval()/train() over bookkeeping.
+            except Exception:
+                # Never break the user's eval()/train() over bookkeeping. (A module class
+                # with __eq__ and no __hash__ cannot key the weak site table: its mode
+                # change still counts, the epoch moved first, but its site is lost.)
                 pass
     return wrapped(*args, **kwargs)
-
-
-def strip_hooks(state: dict) -> dict:
-    """A copy of a module's state without modeguard's hooks (for pickling/deepcopy)."""
-    removed = []
-    out = None
-    for key in ("_forward_pre_hooks", "_forward_hooks"):
-        hooks = state.get(key)
-        if not hooks:
-            continue
-        ours = [hid for hid, fn in hooks.items() if getattr(fn, HOOK_MARK, False)]
-        if ours:
-            if out is None:
-                out = dict(state)
-            kept = type(hooks)((hid, fn) for hid, fn in hooks.items() if hid not in ours)
-            out[key] = kept
-            removed.extend(ours)
-    if out is None:
-        return state
-    for key in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        extra = out.get(key)
-        if extra:
-            out[key] = type(extra)((k, v) for k, v in extra.items() if k not in removed)
-    return out
-
-
-def _getstate_wrapper(wrapped, instance, args, kwargs):
-    return strip_hooks(wrapped(*args, **kwargs))
-
-
-def _module_reduce_ex(self, protocol):
-    # Subclasses that override __getstate__ without calling nn.Module's (nn.LSTM, user
-    # classes) bypass the patch above; every pickle and deepcopy goes through here.
-    rv = object.__reduce_ex__(self, protocol)
-    if isinstance(rv, tuple) and len(rv) > 2 and isinstance(rv[2], dict):
-        state = strip_hooks(rv[2])
-        if state is not rv[2]:
-            rv = rv[:2] + (state,) + rv[3:]
-    return rv
 
 
 def _on_structure_change(*_args):
@@ -222,68 +199,26 @@ def _on_structure_change(*_args):
     _epoch_moved()
 
 
-class _Patches:
-    """Reference-counted install of the global patches and hooks."""
-
-    def __init__(self):
-        self._users = 0
-        self._lock = threading.Lock()
-        self._saved = []
-        self._handles = []
-        self._added = []
-
-    @property
-    def active(self) -> bool:
-        return self._users > 0
-
-    def acquire(self) -> None:
-        with self._lock:
-            self._users += 1
-            if self._users == 1:
-                self._install()
-
-    def release(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                return
-            self._users -= 1
-            if self._users == 0:
-                self._uninstall()
-
-    def _install(self) -> None:
-        for name, wrapper in (
-            ("train", _train_wrapper),
-            ("__setattr__", _setattr_wrapper),
-            ("__getstate__", _getstate_wrapper),
-        ):
-            original = nn.Module.__dict__[name]
-            self._saved.append((name, original))
-            setattr(nn.Module, name, wrapt.FunctionWrapper(original, wrapper))
-        if "__reduce_ex__" not in nn.Module.__dict__:
-            nn.Module.__reduce_ex__ = _module_reduce_ex
-            self._added = ["__reduce_ex__"]
-        reg = nn.modules.module
-        self._handles = [
-            reg.register_module_module_registration_hook(_on_structure_change),
-            reg.register_module_parameter_registration_hook(_on_structure_change),
-        ]
-        STRUCTURE_EPOCH[0] += 1
-        MODE_EPOCH[0] += 1
-
-    def _uninstall(self) -> None:
-        for name, original in reversed(self._saved):
-            setattr(nn.Module, name, original)
-        self._saved.clear()
-        for name in self._added:
-            if nn.Module.__dict__.get(name) is _module_reduce_ex:
-                delattr(nn.Module, name)
-        self._added = []
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+def _install(patches: Patches) -> None:
+    for name, wrapper in (
+        ("train", _train_wrapper),
+        ("__setattr__", _setattr_wrapper),
+        ("__getstate__", pickling.getstate_wrapper),
+    ):
+        patches.replace(nn.Module, name, wrapt.FunctionWrapper(nn.Module.__dict__[name], wrapper))
+    if "__reduce_ex__" not in nn.Module.__dict__:
+        patches.replace(nn.Module, "__reduce_ex__", pickling.module_reduce_ex)
+    reg = nn.modules.module
+    patches.add_handle(reg.register_module_module_registration_hook(_on_structure_change))
+    patches.add_handle(reg.register_module_parameter_registration_hook(_on_structure_change))
+    STRUCTURE_EPOCH[0] += 1
+    MODE_EPOCH[0] += 1
 
 
-PATCHES = _Patches()
+#: Installed while at least one guard is active (Guard acquires, unwatch() or the
+#: guard's finaliser releases), so nn.Module's methods are the originals again once no
+#: guard is alive.
+PATCHES = SharedPatches(_install)
 
 
 def is_patched() -> bool:

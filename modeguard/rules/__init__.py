@@ -8,17 +8,28 @@ from .frozen_bn_drift import FrozenBNDrift
 from .eval_graph_unused import EvalGraphUnused
 from .step_without_backward import StepWithoutBackward
 
-__all__ = ["RULES", "Rule", "StepInEval", "EvalInTrainMode", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward", "get_rule"]
+__all__ = [
+    "RULES", "Rule", "StepInEval", "EvalInTrainMode", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward",
+    "get_rule", "rule_code",
+]
 
 
 def get_rule(code_or_name: str) -> Rule:
-    key = str(code_or_name).strip()
+    """The rule with this code (any case) or name; ``ValueError`` listing the valid ones."""
+    if not isinstance(code_or_name, str):
+        raise TypeError(f"a rule is named by its code or name (a str such as 'MG101'), got {type(code_or_name).__name__}")
+    key = code_or_name.strip()
     if key.upper() in RULES:
         return RULES[key.upper()]
     for rule in RULES.values():
         if rule.name == key:
             return rule
     raise ValueError(f"unknown rule {code_or_name!r}; valid rules: {', '.join(f'{c} ({r.name})' for c, r in RULES.items())}")
+
+
+def rule_code(code_or_name: str) -> str:
+    """``"mg101"``, ``"step-in-eval"`` -> ``"MG101"`` (what ``_config.resolve`` is given)."""
+    return get_rule(code_or_name).code
 
 
 def rules_markdown() -> str:

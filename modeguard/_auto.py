@@ -37,7 +37,7 @@ import torch.optim.optimizer as optimizer_module
 
 from ._exceptions import ModeGuardWarning
 from ._frames import user_frame
-from .guard import Guard, guard_of
+from ._guard import Guard, guard_of
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
 

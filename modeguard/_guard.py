@@ -26,27 +26,21 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._config import Config, OnViolation, Severity, env_on_violation, parse_rule_overrides
+from ._config import Config, OnViolation, Severity, parse_backward_sample, resolve, split_frozen
 from ._exceptions import ModeGuardWarning
 from ._frames import Location, to_location, user_code_line, user_location
-from .markers import ALLOWED
+from ._markers import ALLOWED
 from .observe import modes, sensitivity
 from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, PresumedForward, attach, output_grad_fns
 from .observe.modes import HOOK_MARK, MODE_EPOCH, STRUCTURE_EPOCH, PATCHES
 from .observe import snapshot as snapshot_module
 from .observe.snapshot import ModeSnapshot, walk_marked
 from .report import ModeMap, Report, Violation
-from .rules import RULES
+from .rules import RULES, rule_code
 from .rules._base import overrides
 
 _GUARDS: "weakref.WeakKeyDictionary[nn.Module, Guard]" = weakref.WeakKeyDictionary()
 
-#: One ordinary training forward in this many (on average, at random so no periodic
-#: pattern in the user's loop can hide from it) is followed into its autograd graph to
-#: confirm a backward reached the model. The others are presumed backpropagated, which
-#: matters only to MG602: a backward skipped after a training forward is caught on a
-#: followed step. ``watch(..., backward_sample=1)`` follows every forward.
-BACKWARD_SAMPLE = 16
 
 
 def guard_of(module: nn.Module) -> Optional["Guard"]:
@@ -220,18 +214,13 @@ class Guard:
     """
 
     def __init__(self, on_violation="warn", rules=None, frozen=None, backward_sample=None):
-        env = env_on_violation()
-        action = env if env is not None else OnViolation.parse(on_violation)
-        self.config = Config(on_violation=action, severities=parse_rule_overrides(rules))
-        self.frozen_patterns: tuple = ()
-        frozen_modules = []
-        for item in frozen or ():
-            if isinstance(item, str):
-                self.frozen_patterns += (item,)
-            elif isinstance(item, nn.Module):
-                frozen_modules.append(item)
-            else:
-                raise TypeError(f"frozen= expects nn.Module objects or name patterns like 'backbone.*', got {type(item).__name__}")
+        patterns, frozen_modules = split_frozen(frozen)
+        self.config = resolve(
+            {"severities": rules, "backward_sample": backward_sample, "frozen": patterns},
+            defaults={"on_violation": on_violation}, rule_code=rule_code,
+            settings=("on_violation", "severities", "backward_sample"),
+        )
+        self.frozen_patterns: tuple = self.config.frozen
         self._roots: dict = {}      # id(module) -> RootState
         self._roots_version = 0
         self._opts: dict = {}       # id(optimizer) -> OptimizerState
@@ -239,7 +228,7 @@ class Guard:
         self._violations: List[Violation] = []
         self._by_key: dict = {}
         self.steps = 0
-        self.backward_sample = BACKWARD_SAMPLE if backward_sample is None else check_backward_sample(backward_sample)
+        self.backward_sample = self.config.backward_sample
         self._rng = random.Random(0x6D67)  # fixed seed: a rerun follows the same forwards
         # Training seen before this guard (an earlier guard in the same process) must not
         # count as this program's training: MG201 compares against this mark.
@@ -251,7 +240,7 @@ class Guard:
         self._step_rules = [r for r in enabled if overrides(r, "on_step")]
         if self.active:
             PATCHES.acquire()
-            modes.ON_EPOCH.append(self._arm_roots)
+            modes.listen(self)
             if frozen_modules:
                 sensitivity.mark_frozen(frozen_modules)
         self._frozen_modules = weakref.WeakSet(frozen_modules)
@@ -303,8 +292,8 @@ class Guard:
             )
         return self
 
-    def _arm_roots(self) -> None:
-        for st in self._roots.values():
+    def arm_roots(self) -> None:
+        for st in list(self._roots.values()):
             st.arm()
 
     def optimizer_state(self, optimizer) -> Optional[OptimizerState]:
@@ -538,8 +527,7 @@ class Guard:
             for h in ost.handles:
                 h.remove()
         self._opts.clear()
-        if self._arm_roots in modes.ON_EPOCH:
-            modes.ON_EPOCH.remove(self._arm_roots)
+        modes.unlisten(self)
         for fin in self._finalizers:
             fin.detach()
         self._finalizers.clear()
@@ -598,14 +586,6 @@ def build_mode_map(model: nn.Module, frozen_patterns: Sequence[str] = ()) -> Mod
             "mode_set_at": site.describe() if site else None,
         })
     return ModeMap(type(model).__name__, rows)
-
-
-def check_backward_sample(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"backward_sample must be a positive int (1 follows every training forward), got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"backward_sample must be a positive int (1 follows every training forward), got {n!r}")
-    return n
 
 
 def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "warn", rules=None, frozen=None,

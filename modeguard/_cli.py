@@ -9,7 +9,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from .rules import RULES, get_rule
+from .rules import RULES, get_rule, rule_code
 
 #: Exit status of ``modeguard run`` when a violation at or above ``--fail-on`` occurred.
 EXIT_VIOLATIONS = 3
@@ -69,11 +69,11 @@ def _split_run_argv(tokens: List[str]) -> Tuple[List[str], Optional[str], Option
 
 def _backward_sample(text: str) -> int:
     """--backward-sample: the same check as watch(backward_sample=...), argparse's error."""
-    from .guard import check_backward_sample
+    from ._config import backward_sample_from_text
 
     try:
-        return check_backward_sample(int(text))
-    except (TypeError, ValueError):
+        return backward_sample_from_text(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
@@ -115,7 +115,7 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
 def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.Namespace:
     options, script, module, program_args = _split_run_argv(tokens)
     args = parser.parse_args(options)  # unknown options and bad choices: argparse's exit 2
-    from ._config import parse_rule_overrides
+    from ._config import parse_rules
     from ._runner import ProgramNotFound, check_target
 
     if module is None and script is None:
@@ -123,7 +123,7 @@ def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.N
     if module == "":
         parser.error("argument -m: expected one argument")
     try:
-        args.rule_overrides = parse_rule_overrides(args.rules) if args.rules else {}
+        args.rule_overrides = parse_rules(args.rules, rule_code) if args.rules else {}
     except (ValueError, TypeError) as exc:
         parser.error(f"argument --rules: {exc}")
     if args.report_json:
@@ -147,7 +147,7 @@ def _fails(counts: dict, level: str) -> bool:
 
 
 def _cmd_run(args) -> int:
-    from . import auto
+    from . import _auto as auto
     from ._config import OnViolation
     from ._runner import run_program
 
@@ -157,7 +157,7 @@ def _cmd_run(args) -> int:
     guard = auto.start(on_violation=args.on_violation or "record", rules=args.rule_overrides,
                        backward_sample=args.backward_sample)
     if guard.active and args.on_violation:
-        guard.config.on_violation = OnViolation.parse(args.on_violation)
+        guard.config = guard.config.replace(on_violation=OnViolation.parse(args.on_violation))
     try:
         outcome = run_program(args.module or args.script, args.program_args, as_module=args.module is not None)
     finally:
