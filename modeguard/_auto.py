@@ -27,21 +27,31 @@ Modules that are built and never called are never looked at.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import List, Optional
 
-import torch
 import torch.nn as nn
 import torch.optim.optimizer as optimizer_module
 
 from ._exceptions import ModeGuardWarning
 from ._frames import user_frame
 from ._guard import Guard, guard_of
+from ._hotpath import before_step, make_post_hook, make_pre_hook
+from ._patches import Patches
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
 
-_depth = [0]  # > 0 while inside an outermost (root or foreign) call: nothing nested is a root
+
+class _Depth(threading.local):
+    """> 0 while this thread is inside an outermost (root or foreign) call: nothing
+    nested is a root. Per thread, so that two threads' calls never corrupt the count."""
+
+    n = 0
+
+
+_depth = _Depth()
 _session: Optional["AutoSession"] = None
 
 _SKIP = "skip"
@@ -66,15 +76,19 @@ class AutoSession:
         # a user module may define __eq__ and so be unhashable; a finalizer removes the
         # entry when the module dies, before its id can be reused.
         self._known: dict = {}
-        self._orig_call = nn.Module.__call__
-        self._handles: list = []
+        # id(submodule of a watched model) -> (weak ref to it, the model's name, its
+        # path), so naming a newly called module costs one lookup, however many models
+        # were watched before.
+        self._paths: dict = {}
+        self._patches = Patches()
         #: names of the models watched so far, in discovery order (kept after stop()).
         self.root_names: List[str] = []
 
     def _install(self) -> None:
         session = self
-        orig = self._orig_call
+        orig = nn.Module.__call__
         known = self._known
+        depth = _depth
         # Torch's own __call__ (_wrapped_call_impl) is two lines: nested calls (every
         # submodule of a watched model) run them inline, so the patch costs them one
         # counter check and no extra Python frame.
@@ -83,14 +97,14 @@ class AutoSession:
         def __call__(self, *args, **kwargs):
             # Torch's __call__ inlined where it is the plain one: one frame less per call.
             direct = inline and self._compiled_call_impl is None
-            if _depth[0]:
+            if depth.n:
                 return self._call_impl(*args, **kwargs) if direct else orig(self, *args, **kwargs)
             entry = known.get(id(self))
             if entry is None:
                 entry = session._discover(self)
             if entry is _SKIP:
                 return self._call_impl(*args, **kwargs) if direct else orig(self, *args, **kwargs)
-            _depth[0] += 1
+            depth.n += 1
             try:
                 if entry is _FOREIGN:
                     return orig(self, *args, **kwargs)
@@ -103,13 +117,11 @@ class AutoSession:
                 entry.post(self, args, output)
                 return output
             finally:
-                _depth[0] -= 1
+                depth.n -= 1
 
         __call__._modeguard_original = orig
-        nn.Module.__call__ = __call__
-        self._handles = [
-            optimizer_module.register_optimizer_step_pre_hook(self._step_pre),
-        ]
+        self._patches.replace(nn.Module, "__call__", __call__)
+        self._patches.add_handle(optimizer_module.register_optimizer_step_pre_hook(self._step_pre))
 
     # ---- discovery (slow path: once per module) -------------------------------------------
 
@@ -126,78 +138,63 @@ class AutoSession:
                 entry = self._watch(module)
         except Exception as exc:
             # Watching must never break the user's program; this module goes unchecked.
-            warnings.warn(
-                f"modeguard: cannot watch {type(module).__name__} ({type(exc).__name__}: {exc}); "
-                f"its train/eval modes are not checked",
-                ModeGuardWarning, stacklevel=3,
-            )
             entry = _SKIP
+            try:
+                warnings.warn(
+                    f"modeguard: cannot watch {type(module).__name__} ({type(exc).__name__}: {exc}); "
+                    f"its train/eval modes are not checked",
+                    ModeGuardWarning, stacklevel=3,
+                )
+            except Exception:  # warnings turned into errors (-W error): stay silent
+                pass
         self._known[id(module)] = entry
         weakref.finalize(module, self._known.pop, id(module), None)
         return entry
 
     def _watch(self, module: nn.Module) -> _Root:
         guard = self.guard
-        guard.watch_model(module, name=self._name_for(module))
-        st = guard._roots[id(module)]
-        # The checks run from the __call__ wrapper, for outermost calls only; hooks on the
-        # module would also run when it is called inside another root (double reports).
-        st.hooked = False  # the wrapper calls pre and post itself, on outermost calls
-        st.disarm()
-        for h in st.handles:
-            h.remove()
-        st.handles = []
+        name = self._name_for(module)
+        # No hooks on the module: the wrapper runs the checks, for outermost calls only;
+        # hooks would also run when it is called inside another root (double reports).
+        guard.watch_model(module, name=name, hooks=False)
+        st = guard.root_state(module)
         self.root_names.append(st.name)
-        return _Root(st, guard._make_pre_hook(st), guard._make_post_hook(st))
+        for path, sub in module.named_modules():
+            if path:
+                self._paths.setdefault(id(sub), (weakref.ref(sub), st.name, path))
+        return _Root(st, make_pre_hook(st), make_post_hook(guard, st))
 
     def _name_for(self, module: nn.Module) -> str:
         """``Net``; ``Net.encoder`` for a submodule of a watched model; ``Net (ema)`` with
         the caller's variable name when another watched model has the same class."""
-        for st in list(self.guard._roots.values()):
-            parent = st.ref()
-            if parent is None or parent is module:
-                continue
-            for path, sub in parent.named_modules():
-                if sub is module and path:
-                    return f"{st.name}.{path}"
+        found = self._paths.get(id(module))
+        if found is not None and found[0]() is module:
+            return f"{found[1]}.{found[2]}"
         base = type(module).__name__
-        taken = {st.name for st in self.guard._roots.values()}
-        if base not in taken:
+        if not self.guard.name_taken(base):
             return base
         var = _variable_name(module)
-        name = f"{base} ({var})" if var else base
-        k = 2
-        candidate = name
-        while candidate in taken:
-            candidate, k = f"{name}#{k}", k + 1
-        return candidate
+        return f"{base} ({var})" if var else base
 
     # ---- optimizers ------------------------------------------------------------------
-
-    def _ost(self, optimizer):
-        ost = self.guard.optimizer_state(optimizer)
-        if ost is None:
-            self.guard.watch_optimizer(optimizer, _check_params=False, _hooks=False)
-            ost = self.guard.optimizer_state(optimizer)
-        return ost
 
     def _step_pre(self, optimizer, args, kwargs):
         guard = self.guard
         if guard.active:
-            ost = guard._opts.get(id(optimizer)) or self._ost(optimizer)
+            ost = guard.optimizer_state(optimizer)
+            if ost is None:
+                guard.watch_optimizer(optimizer, hooks=False, check_params=False)
+                ost = guard.optimizer_state(optimizer)
             # An optimizer also passed to modeguard.watch() has its own step hooks on the
             # same guard: checking the step here too would count it twice.
             if ost is not None and not ost.handles:
-                guard.before_step(ost, optimizer, args, kwargs)
+                before_step(guard, ost, optimizer, args, kwargs)
 
     def _uninstall(self) -> None:
-        if nn.Module.__call__ is not self._orig_call:
-            nn.Module.__call__ = self._orig_call
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._patches.restore()
         self._known.clear()
-        _depth[0] = 0
+        self._paths.clear()
+        _depth.n = 0
 
 
 def _variable_name(module: nn.Module) -> Optional[str]:
@@ -219,13 +216,15 @@ def _variable_name(module: nn.Module) -> Optional[str]:
     return None
 
 
-def start(on_violation: str = "warn", rules=None, frozen=None, backward_sample=None) -> Guard:
-    """Begin automatic watching; returns the Guard that collects everything.
-    Calling it while a session is active returns that session's guard."""
+def start(on_violation: str = "warn", rules=None, frozen=None, backward_sample=None, *, config=None) -> Guard:
+    """Begin automatic watching; returns the Guard that collects everything. The
+    settings are ``watch()``'s, or a resolved ``config`` (the entry points resolve their
+    own flags, environment and ini first). Calling it while a session is active returns
+    that session's guard."""
     global _session
     if _session is not None:
         return _session.guard
-    guard = Guard(on_violation=on_violation, rules=rules, frozen=frozen, backward_sample=backward_sample)
+    guard = Guard(on_violation=on_violation, rules=rules, frozen=frozen, backward_sample=backward_sample, config=config)
     session = AutoSession(guard)
     if guard.active:
         session._install()

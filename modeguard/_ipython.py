@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import _auto as auto
 from ._frames import Location
-from ._guard import build_mode_map
+from .report.modemap import build_mode_map
 from .observe import modes
 from .report import ModeMap, Report, Violation
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeguard
-import modeguard._guard as guard_module
+import modeguard._hotpath as hotpath_module
 from modeguard._config import DEFAULT_BACKWARD_SAMPLE
 from modeguard import _auto as auto
 from modeguard.observe import snapshot as snapshot_module
@@ -124,8 +124,8 @@ def test_unchanged_modes_never_walk_the_model(monkeypatch, mode, depth):
 def followed(monkeypatch):
     """The ForwardRecord of every forward followed into its autograd graph."""
     records = []
-    real_attach = guard_module.attach
-    monkeypatch.setattr(guard_module, "attach", lambda rec, *a: (records.append(rec), real_attach(rec, *a)))
+    real_attach = hotpath_module.attach
+    monkeypatch.setattr(hotpath_module, "attach", lambda rec, *a: (records.append(rec), real_attach(rec, *a)))
     return records
 
 

@@ -104,7 +104,7 @@ def test_disabled_rule_is_not_subscribed(monkeypatch):
     monkeypatch.delenv("MODEGUARD", raising=False)
     guard = modeguard.Guard(rules={"MG101": "off", "MG602": "off"}, on_violation="record")
     try:
-        step_codes = {r.code for r in guard._step_rules}
+        step_codes = {r.code for r in guard.step_rules}
         assert "MG101" not in step_codes and "MG602" not in step_codes
         assert "MG301" in step_codes
     finally:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import modeguard
-from modeguard.observe import snapshot as snapshot_module
+from modeguard.rules import frozen_bn_drift
 from models import MLP, FineTuneNet, NormEvalNet, SmallCNN, batch, image_batch, sgd, train_step
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -80,7 +80,7 @@ def test_frozen_batchnorm2d_fires_and_warns_at_the_step_line():
 def test_freezing_during_training_is_noticed(monkeypatch):
     # requires_grad has no hook: the flip is picked up by the periodic re-read (every
     # REFRESH_EVERY steps; shortened here to keep the test fast).
-    monkeypatch.setattr(snapshot_module, "REFRESH_EVERY", 8)
+    monkeypatch.setattr(frozen_bn_drift, "REFRESH_EVERY", 8)
     model = MLP()
     opt = sgd(model)
     x = batch()

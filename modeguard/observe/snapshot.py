@@ -1,25 +1,22 @@
 """ModeSnapshot: the modes of one watched model's sensitive modules at one moment.
 
 Built by one walk over the model, only when ``MODE_EPOCH`` or ``STRUCTURE_EPOCH`` moved;
-every forward in between shares the same immutable snapshot, which is what keeps the hot
-path O(1). Forward records keep a reference to the snapshot they ran under, so a rule that
-looks at a step later still sees the modes the gradients were produced with.
+every forward in between shares the same snapshot, which is what keeps the hot path O(1).
+Forward records keep a reference to the snapshot they ran under, so a rule that looks at
+a step later still sees the modes the gradients were produced with. The modes in a
+snapshot never change; what does is learnt later about the same modules: ``probe``
+(filled by the next grad-enabled forward), the ``requires_grad`` state re-read by
+``refresh_frozen``, and ``step_quiet``, which the guard recomputes after such a re-read.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch.nn as nn
 
 from . import modes, sensitivity
-
-
-#: requires_grad flips have no hook: a watched model's BatchNorm modules in train mode
-#: have it re-read every this many steps (or the number of such modules, if larger, so
-#: the amortised cost per step stays constant).
-REFRESH_EVERY = 64
 
 
 class SensitiveEntry:
@@ -69,18 +66,15 @@ def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
-        "frozen_bn_in_train", "train_bn", "probe", "n_modules", "plain_train", "step_quiet", "__weakref__",
+        "frozen_bn_in_train", "train_bn", "probe", "plain_train", "step_quiet", "__weakref__",
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
         entries = []
-        n = 0
         for name, m, marked in walk_marked(root, frozen_patterns):
-            n += 1
             kind = sensitivity.classify(m)
             if kind is not None:
                 entries.append(SensitiveEntry(name, m, kind, marked))
-        self.n_modules = n
         self.root_training = root.training
         self.entries = tuple(entries)
         self.train_sensitive = tuple(e for e in entries if e.training)
@@ -109,7 +103,7 @@ class ModeSnapshot:
 
     def refresh_frozen(self, entries=None) -> None:
         """requires_grad flips have no hook: re-read them, for ``entries`` (default all;
-        the guard's periodic re-read passes ``train_bn``, all that MG301 needs)."""
+        MG301's periodic re-read passes ``train_bn``, all that it needs)."""
         for e in self.entries if entries is None else entries:
             e.refresh_frozen()
         self.frozen_bn_in_train = self._frozen_bn()
@@ -121,9 +115,3 @@ class ModeSnapshot:
             (i, e) for i, e in enumerate(self.entries)
             if not e.training and e.param_free and not e.marked
         )
-
-    def entry_index(self, entry: SensitiveEntry) -> Optional[int]:
-        for i, e in enumerate(self.entries):
-            if e is entry:
-                return i
-        return None

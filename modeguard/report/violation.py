@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from .._config import Severity
@@ -30,7 +30,6 @@ class Violation:
     why: str
     first_step: int
     count: int = 1
-    extra: dict = field(default_factory=dict)
 
     @property
     def message(self) -> str:

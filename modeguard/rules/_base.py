@@ -56,6 +56,17 @@ class Rule:
         no new gradients at all always reach it). The default is never quiet."""
         return False
 
+    #: Steps (with new gradients for a model) between two ``on_poll`` calls, for rules
+    #: that override it.
+    poll_interval: ClassVar[int] = 64
+
+    def on_poll(self, guard, root, snapshot) -> int:
+        """Every so many optimizer steps that bring a model new gradients, for what has
+        no hook (``requires_grad`` flips): look again, and return how many such steps to
+        wait before the next look. The guard polls every model at the shortest interval
+        its rules ask for."""
+        return self.poll_interval
+
     def on_step(self, guard, opt_state, fresh, roots, has_closure: bool) -> None:
         """Before ``optimizer.step()`` of a watched optimizer. ``roots`` are the watched
         models whose parameters it updates, ``fresh`` those of them with new gradients

@@ -23,8 +23,25 @@ def _threshold(root) -> int:
     # The program trains if something trained since this guard was made, or if it was
     # given an optimizer: a teacher's no_grad forwards come before the first backward.
     guard = root.guard
-    trains = ACTIVITY[0] != guard.activity_at_start or bool(guard._opts)
+    trains = ACTIVITY[0] != guard.activity_at_start or guard.has_optimizers
     return STREAK_AUXILIARY if trains else STREAK
+
+
+class _Streaks:
+    """This rule's memory of one model: runs of evaluation-like forwards."""
+
+    __slots__ = ("nograd", "nograd_mark", "nograd_seq", "unused", "unused_mark")
+
+    def __init__(self):
+        self.nograd = self.unused = 0
+        self.nograd_mark = self.nograd_seq = self.unused_mark = -1
+
+
+def _streaks(root) -> _Streaks:
+    s = root.rule_state.get("MG201")
+    if s is None:
+        s = root.rule_state["MG201"] = _Streaks()
+    return s
 
 
 class EvalInTrainMode(Rule):
@@ -49,17 +66,18 @@ class EvalInTrainMode(Rule):
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
 
     def on_nograd_forward(self, guard, root, snapshot):
+        s = _streaks(root)
         if not snapshot.root_training or not snapshot.train_sensitive:
-            root.nograd_streak = 0
+            s.nograd = 0
             return
         # A streak is broken by a backward or step (ACTIVITY moves) and by a grad-enabled
         # forward of this model in between (its forward count moves).
         act, seq = ACTIVITY[0], root.fwd_seq
-        if act == root.nograd_mark and seq == root.nograd_seq:
-            root.nograd_streak += 1
+        if act == s.nograd_mark and seq == s.nograd_seq:
+            s.nograd += 1
         else:
-            root.nograd_streak, root.nograd_mark, root.nograd_seq = 1, act, seq
-        if root.nograd_streak >= _threshold(root):
+            s.nograd, s.nograd_mark, s.nograd_seq = 1, act, seq
+        if s.nograd >= _threshold(root):
             self._fire(guard, root, snapshot, None, "under torch.no_grad()/inference_mode()", None)
 
     def on_release(self, guard, record):
@@ -67,12 +85,13 @@ class EvalInTrainMode(Rule):
         if not snap.root_training or not snap.train_sensitive:
             return
         root = record.root
+        s = _streaks(root)
         act = ACTIVITY[0]
-        if act == root.unused_mark:
-            root.unused_streak += 1
+        if act == s.unused_mark:
+            s.unused += 1
         else:
-            root.unused_streak, root.unused_mark = 1, act
-        if root.unused_streak >= _threshold(root) and record.where is not None:
+            s.unused, s.unused_mark = 1, act
+        if s.unused >= _threshold(root) and record.where is not None:
             self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
 
     def _fire(self, guard, root, snap, where, how, allowed):

@@ -5,6 +5,11 @@ from __future__ import annotations
 from .._config import Severity
 from ._base import Rule
 
+#: requires_grad flips have no hook: a watched model's BatchNorm modules in train mode
+#: have it re-read every this many steps (or the number of such modules, if larger, so
+#: the amortised cost per step stays constant).
+REFRESH_EVERY = 64
+
 
 class FrozenBNDrift(Rule):
     code = "MG301"
@@ -24,10 +29,21 @@ class FrozenBNDrift(Rule):
     ]
     fix = "after model.train(), call .eval() on the frozen part (or override train() to keep it in eval)."
 
+    @property
+    def poll_interval(self):
+        return REFRESH_EVERY
+
     def step_quiet(self, snapshot):
-        # requires_grad flips have no hook: the guard re-reads them periodically
-        # (snapshot.REFRESH_EVERY) and asks again.
+        # requires_grad flips have no hook: on_poll re-reads them and asks again.
         return not snapshot.frozen_bn_in_train
+
+    def on_poll(self, guard, root, snapshot):
+        """Re-read requires_grad of the BatchNorm modules in train mode (all that this
+        rule needs), at most once per len(train_bn) steps."""
+        if snapshot.train_bn:
+            snapshot.refresh_frozen(snapshot.train_bn)
+            snapshot.step_quiet = guard.step_quiet(snapshot)
+        return max(REFRESH_EVERY, len(snapshot.train_bn))
 
     def on_step(self, guard, opt_state, fresh, roots, has_closure):
         for st in fresh:
