@@ -13,7 +13,12 @@ from .rules import RULES, get_rule, rule_code
 
 #: Exit status of ``modeguard run`` when a violation at or above ``--fail-on`` occurred.
 EXIT_VIOLATIONS = 3
-_FAIL_LEVELS = ("error", "warning", "never")
+_FAIL_LEVELS = ("error", "warning", "info", "never")
+#: How each setting's flag is named in messages (``_config.resolve`` labels).
+_RUN_LABELS = {
+    "on_violation": "argument --on-violation", "severities": "argument --rules",
+    "backward_sample": "argument --backward-sample", "fail_on": "argument --fail-on",
+}
 
 
 def _cmd_rules(args) -> int:
@@ -93,17 +98,20 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
         ),
         allow_abbrev=False,  # `--fail X` must not be read as --fail-on: X could be the script
     )
-    p.add_argument("--fail-on", choices=_FAIL_LEVELS, default="error",
-                   help="exit with status 3 when a violation at or above this severity occurred (default: error)")
+    p.add_argument("--fail-on", choices=_FAIL_LEVELS, default=None,
+                   help="exit with status 3 when a violation at or above this severity occurred "
+                        "(default: error; env MODEGUARD_FAIL_ON)")
     p.add_argument("--report-json", metavar="PATH", help="write the full report as JSON (schema: modeguard.report.schema)")
     p.add_argument("--rules", metavar="CODE=SEVERITY,...",
-                   help="per-rule severity: off, info, warning or error, e.g. MG401=off,MG201=error")
+                   help="per-rule severity: off, info, warning or error, e.g. MG401=off,MG201=error "
+                        "(env MODEGUARD_RULES)")
     p.add_argument("--on-violation", choices=("warn", "raise", "record"), default=None,
                    help="what happens when a rule fires while the program runs: record it for the summary "
-                        "(default), also warn at the line, or raise in the program")
+                        "(default), also warn at the line, or raise in the program (env MODEGUARD)")
     p.add_argument("--backward-sample", type=_backward_sample, default=None, metavar="N",
                    help="follow about one ordinary training forward in N into autograd to confirm its backward "
-                        "(default 16; 1 checks every step for a skipped backward, at some cost per step)")
+                        "(default 16; 1 checks every step for a skipped backward, at some cost per step; "
+                        "env MODEGUARD_BACKWARD_SAMPLE)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary table, not each problem's explanation")
     # Shown in --help only; _split_run_argv takes these apart before argparse sees them.
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a library module as a script, like `python -m`")
@@ -115,7 +123,7 @@ def _add_run_parser(sub) -> argparse.ArgumentParser:
 def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.Namespace:
     options, script, module, program_args = _split_run_argv(tokens)
     args = parser.parse_args(options)  # unknown options and bad choices: argparse's exit 2
-    from ._config import parse_rules
+    from ._config import ConfigError, resolve
     from ._runner import ProgramNotFound, check_target
 
     if module is None and script is None:
@@ -123,9 +131,16 @@ def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.N
     if module == "":
         parser.error("argument -m: expected one argument")
     try:
-        args.rule_overrides = parse_rules(args.rules, rule_code) if args.rules else {}
-    except (ValueError, TypeError) as exc:
-        parser.error(f"argument --rules: {exc}")
+        # Flags > environment > defaults. Record by default, so that the summary at the
+        # end is the one place to read.
+        args.config = resolve(
+            {"on_violation": args.on_violation, "severities": args.rules,
+             "backward_sample": args.backward_sample, "fail_on": args.fail_on},
+            defaults={"on_violation": "record"}, labels=_RUN_LABELS, rule_code=rule_code,
+        )
+    except ConfigError as exc:  # a bad flag or environment variable: one line, status 2
+        parser.error(str(exc))
+    args.fail_on = args.config.fail_on.value  # as the summary names it
     if args.report_json:
         folder = os.path.dirname(os.path.abspath(args.report_json))
         if not os.path.isdir(folder):
@@ -138,37 +153,24 @@ def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.N
     return args
 
 
-def _fails(counts: dict, level: str) -> bool:
-    if level == "never":
-        return False
-    if level == "warning":
-        return counts["error"] + counts["warning"] > 0
-    return counts["error"] > 0
-
-
 def _cmd_run(args) -> int:
     from . import _auto as auto
-    from ._config import OnViolation
     from ._runner import run_program
 
     label = f"-m {args.module}" if args.module else args.script
-    # Record by default, so the summary at the end is the one place to read; the
-    # MODEGUARD environment variable may still choose, unless --on-violation was given.
-    guard = auto.start(on_violation=args.on_violation or "record", rules=args.rule_overrides,
-                       backward_sample=args.backward_sample)
-    if guard.active and args.on_violation:
-        guard.config = guard.config.replace(on_violation=OnViolation.parse(args.on_violation))
+    config = args.config
+    guard = auto.start(config=config)
     try:
         outcome = run_program(args.module or args.script, args.program_args, as_module=args.module is not None)
     finally:
         watched = auto.watched_names()
         auto.stop()
     report = guard.report()
-    counts = report.counts()
     # Violations at or above --fail-on decide the status even when the program failed
     # too (its traceback is already printed, and "exit_status" in the JSON keeps its own).
-    status = EXIT_VIOLATIONS if _fails(counts, args.fail_on) else outcome.exit_status
-    _print_summary(report, label, watched, guard.active or bool(watched), outcome.exit_status, status, args)
+    worst = report.worst()
+    status = EXIT_VIOLATIONS if worst is not None and config.fail_on.fails(worst) else outcome.exit_status
+    _print_summary(report, label, watched, config.active, outcome.exit_status, status, args)
     if args.report_json:
         try:
             with open(args.report_json, "w", encoding="utf-8") as fh:

@@ -113,7 +113,7 @@ class FailOn(str, enum.Enum):
             except ValueError:
                 pass
         valid = ", ".join(m.value for m in cls)
-        raise ConfigError(f"unknown fail-on level {value!r}; expected one of: {valid}")
+        raise ConfigError(f"unknown level {value!r}; expected one of: {valid}")
 
     @property
     def threshold(self) -> Optional[Severity]:
@@ -227,13 +227,6 @@ class Config:
     def active(self) -> bool:
         return self.on_violation is not OnViolation.OFF
 
-    def differences(self, other: "Config") -> list:
-        """The settings (except the action) in which ``other`` differs from this one."""
-        return [
-            f.name for f in fields(self)
-            if f.compare and f.name != "on_violation" and getattr(self, f.name) != getattr(other, f.name)
-        ]
-
     def replace(self, **changes) -> "Config":
         return replace(self, **changes)
 
@@ -267,6 +260,28 @@ def _describe(source: str, raw) -> str:
     return f"{source}{raw!r}" if source.endswith("=") else source
 
 
+def sources_of(name: str, explicit: Mapping, ini: Mapping, defaults: Mapping, labels: Mapping,
+               environ: Mapping[str, str], env: Optional[str] = None):
+    """``(source, raw value)`` for setting ``name``, in precedence order: explicit,
+    environment (``ENV[name]``, or ``env``), ini, defaults. The one statement of the
+    order; an entry point's own switch (the pytest plugin's ``MODEGUARD_PYTEST``) reads
+    it here too."""
+    yield labels.get(name, f"{name}="), explicit.get(name)
+    env = env or ENV.get(name)
+    if env is not None:
+        yield env, environ.get(env)
+    yield labels.get(f"ini:{name}", f"ini option modeguard_{name}"), ini.get(name)
+    yield "default", defaults.get(name)
+
+
+def first_given(layers) -> Tuple[Optional[str], Any]:
+    """The first ``(source, raw)`` of ``layers`` that gives a value, or ``(None, None)``."""
+    for source, raw in layers:
+        if _given(raw):
+            return source, raw
+    return None, None
+
+
 def resolve(
     explicit: Optional[Mapping[str, Any]] = None,
     *,
@@ -290,13 +305,7 @@ def resolve(
     sources: Dict[str, str] = {}
 
     def layers(name):
-        label = labels.get(name, f"{name}=")
-        yield label, explicit.get(name)
-        env = ENV.get(name)
-        if env is not None:
-            yield env, environ.get(env)
-        yield labels.get(f"ini:{name}", f"ini option modeguard_{name}"), ini.get(name)
-        yield "default", defaults.get(name)
+        return sources_of(name, explicit, ini, defaults, labels, environ)
 
     for name, parse in _PARSERS.items():
         if name not in settings:

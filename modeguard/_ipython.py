@@ -62,7 +62,14 @@ class NotebookWatcher:
         if auto.active():
             guard = auto.current()
         else:
-            guard = auto.start(on_violation="record")
+            from IPython.core.error import UsageError
+
+            from ._config import ConfigError
+
+            try:
+                guard = auto.start(on_violation="record")
+            except ConfigError as exc:  # MODEGUARD=banana: one line, not a traceback
+                raise UsageError(f"modeguard: {exc}") from None
             self._own.append(guard)
         if guard not in self.guards:
             self.guards.append(guard)
@@ -205,8 +212,9 @@ def load_ipython_extension(ipython) -> None:
         if _watcher.shell is ipython:
             return
         _watcher.unload()  # a different shell in the same process: move over
-    _watcher = NotebookWatcher(ipython)
-    _watcher.load()
+    watcher = NotebookWatcher(ipython)
+    watcher.load()  # a bad MODEGUARD setting stops here, before anything is registered
+    _watcher = watcher
     print(f"modeguard: watching every model and optimizer in the following cells. {USAGE}")
 
 

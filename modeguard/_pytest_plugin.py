@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
 
-from ._config import Severity
+from ._config import Config, ConfigError, FailOn, Severity, first_given, resolve, sources_of
 
 ENV_ENABLE = "MODEGUARD_PYTEST"
 ENV_FAIL_ON = "MODEGUARD_FAIL_ON"
@@ -25,25 +25,37 @@ INI_ENABLE = "modeguard"
 INI_FAIL_ON = "modeguard_fail_on"
 INI_RULES = "modeguard_rules"
 
-#: fail-on level -> the lowest severity that fails a test (None: never fail).
-FAIL_ON_LEVELS: Dict[str, Optional[Severity]] = {
-    "error": Severity.ERROR,
-    "warning": Severity.WARNING,
-    "info": Severity.INFO,
-    "never": None,
-}
 DEFAULT_FAIL_ON = "warning"
+#: Tests record (the failure message is the report) and follow every training forward:
+#: they run few steps, and a single skipped backward must fail them.
+_DEFAULTS = {"on_violation": "record", "fail_on": DEFAULT_FAIL_ON, "backward_sample": 1}
+_LABELS = {
+    "pytest": "command line", "ini:pytest": "ini",
+    "fail_on": "--modeguard-fail-on", "ini:fail_on": f"ini option {INI_FAIL_ON}",
+    "severities": "--modeguard-rules", "ini:severities": f"ini option {INI_RULES}",
+}
+#: How the report header names a source.
+_HEADER_SOURCE = {"--modeguard-fail-on": "command line", "--modeguard-rules": "command line",
+                  f"ini option {INI_FAIL_ON}": "ini", f"ini option {INI_RULES}": "ini"}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
 def parse_fail_on(value, source: str = "fail_on") -> Optional[Severity]:
-    key = str(value).strip().lower()
-    key = {"warn": "warning", "none": "never", "off": "never"}.get(key, key)
-    if key not in FAIL_ON_LEVELS:
-        raise ValueError(f"{source}: unknown level {value!r}; expected one of: {', '.join(FAIL_ON_LEVELS)}")
-    return FAIL_ON_LEVELS[key]
+    """A fail-on level (``_config.FailOn``) -> the lowest failing severity, or None."""
+    try:
+        return FailOn.parse(value).threshold
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _rule_code(code: str) -> str:
+    # Imported only when rules are named: the rules import torch, which a pytest run
+    # that does not use modeguard never needs.
+    from .rules import rule_code
+
+    return rule_code(code)
 
 
 def _label(level: Optional[Severity]) -> str:
@@ -56,9 +68,20 @@ class Settings:
 
     auto: bool = False
     auto_from: str = "default"
-    fail_on: Optional[Severity] = Severity.WARNING
-    fail_on_from: str = "default"
-    rules: str = ""  # "MG401=off,MG201=error", validated at configure time
+    config: Config = Config()
+
+    @property
+    def fail_on(self) -> Optional[Severity]:
+        return self.config.fail_on.threshold
+
+    @property
+    def fail_on_from(self) -> str:
+        source = self.config.sources.get("fail_on", "default")
+        return _HEADER_SOURCE.get(source, source)
+
+    @property
+    def rules(self) -> str:
+        return ",".join(f"{code}={sev.label}" for code, sev in self.config.severities.items())
 
 
 @dataclass
@@ -68,6 +91,7 @@ class Plan:
     auto: bool
     fail_on: Optional[Severity]
     rules: dict
+    config: Config = Config()
     frozen: tuple = ()
 
 
@@ -95,7 +119,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--modeguard-fail-on", default=None, dest="modeguard_fail_on", metavar="LEVEL",
-        choices=list(FAIL_ON_LEVELS),
+        choices=[level.value for level in FailOn],
         help=f"lowest severity that fails a test: error|warning|info|never (default {DEFAULT_FAIL_ON}; "
              f"env {ENV_FAIL_ON}, ini '{INI_FAIL_ON}').",
     )
@@ -110,46 +134,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(INI_RULES, default="", help="modeguard rule severities, e.g. MG401=off,MG201=error.")
 
 
-def _pick(config: pytest.Config, dest: str, env: str, ini: str) -> Tuple[object, str]:
-    """Command line > environment > ini > default."""
-    value = config.getoption(dest)
-    if value is not None:
-        return value, "command line"
-    raw = os.environ.get(env)
-    if raw is not None and raw.strip():
-        return raw.strip(), env
-    value = config.getini(ini)
-    if value not in ("", None, False):
-        return value, "ini"
-    return None, "default"
-
-
 def resolve_settings(config: pytest.Config) -> Settings:
-    auto, auto_from = _pick(config, "modeguard", ENV_ENABLE, INI_ENABLE)
-    if isinstance(auto, str):
-        key = auto.lower()
+    """Command line > environment > ini > default, through the one resolver
+    (``_config.resolve``); every bad value, from any source, is a usage error."""
+    enable = config.getoption("modeguard")
+    ini_enable = config.getini(INI_ENABLE) or None  # an ini `false` is no choice at all
+    source, raw = first_given(sources_of("pytest", {"pytest": enable}, {"pytest": ini_enable}, {}, _LABELS,
+                                         os.environ, env=ENV_ENABLE))
+    auto = False
+    if isinstance(raw, str):
+        key = raw.strip().lower()
         if key not in _TRUE + _FALSE:
-            raise pytest.UsageError(f"{ENV_ENABLE}={auto!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+            raise pytest.UsageError(f"{ENV_ENABLE}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
         auto = key in _TRUE
-    raw_level, level_from = _pick(config, "modeguard_fail_on", ENV_FAIL_ON, INI_FAIL_ON)
+    elif raw is not None:
+        auto = bool(raw)
     try:
-        fail_on = parse_fail_on(raw_level if raw_level is not None else DEFAULT_FAIL_ON, _source_name(level_from, ENV_FAIL_ON, INI_FAIL_ON, "--modeguard-fail-on"))
-    except ValueError as exc:
+        resolved = resolve(
+            {"fail_on": config.getoption("modeguard_fail_on"), "severities": config.getoption("modeguard_rules")},
+            ini={"fail_on": config.getini(INI_FAIL_ON), "severities": config.getini(INI_RULES)},
+            defaults=_DEFAULTS, labels=_LABELS, rule_code=_rule_code,
+        )
+    except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
-    rules, rules_from = _pick(config, "modeguard_rules", ENV_RULES, INI_RULES)
-    if rules:
-        from ._config import parse_rules
-        from .rules import rule_code
-
-        try:
-            parse_rules(rules, rule_code)
-        except ValueError as exc:
-            raise pytest.UsageError(f"{_source_name(rules_from, ENV_RULES, INI_RULES, '--modeguard-rules')}: {exc}") from None
-    return Settings(bool(auto), auto_from, fail_on, level_from, rules or "")
-
-
-def _source_name(source: str, env: str, ini: str, option: str) -> str:
-    return {"command line": option, "ini": f"ini option {ini}", "default": "default"}.get(source, env)
+    return Settings(auto, source or "default", resolved)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -179,12 +187,7 @@ def pytest_report_header(config: pytest.Config):
 def _plan(item: pytest.Item) -> Plan:
     """The session settings, with the closest modeguard/no_modeguard marker applied."""
     s = item.config.stash[_SETTINGS]
-    plan = Plan(auto=s.auto, fail_on=s.fail_on, rules={})
-    if s.rules:
-        from ._config import parse_rules
-        from .rules import rule_code
-
-        plan.rules = parse_rules(s.rules, rule_code)
+    plan = Plan(auto=s.auto, fail_on=s.fail_on, rules=dict(s.config.severities), config=s.config)
     for mark in item.iter_markers():  # closest first: the test's own marker wins
         if mark.name == "no_modeguard":
             plan.auto = False
@@ -197,7 +200,6 @@ def _plan(item: pytest.Item) -> Plan:
 
 def _apply_marker(plan: Plan, mark) -> None:
     from ._config import parse_rules
-    from .rules import rule_code
 
     unknown = set(mark.kwargs) - {"rules", "fail_on", "frozen"}
     if mark.args or unknown:
@@ -208,7 +210,7 @@ def _apply_marker(plan: Plan, mark) -> None:
         if mark.kwargs.get("fail_on") is not None:
             plan.fail_on = parse_fail_on(mark.kwargs["fail_on"], "fail_on")
         if mark.kwargs.get("rules") is not None:
-            plan.rules = {**plan.rules, **parse_rules(mark.kwargs["rules"], rule_code)}
+            plan.rules = {**plan.rules, **parse_rules(mark.kwargs["rules"], _rule_code)}
     except ValueError as exc:
         pytest.fail(f"@pytest.mark.modeguard: {exc}", pytrace=False)
     frozen = mark.kwargs.get("frozen")
@@ -259,7 +261,7 @@ class _AutoWatch:
         self.owned = not auto.active()
         if self.owned:
             # Tests run few steps and must not depend on sampling: follow every forward.
-            self.guard = auto.start(on_violation="record", rules=plan.rules, frozen=plan.frozen, backward_sample=1)
+            self.guard = auto.start(config=plan.config.replace(severities=plan.rules), frozen=plan.frozen)
             self._before = set()
         else:
             self.guard = auto.current()

@@ -349,3 +349,12 @@ def test_schema_validator_rejects_broken_reports():
     assert broken(lambda d: d["violations"][0].update(mode_set_at={"how": "x"}))
     assert broken(lambda d: d["violations"][0].update(extra=1))
     assert broken(lambda d: d.update(exit_status=True))
+
+
+def test_a_program_that_calls_no_model_is_not_said_to_be_unchecked(run, tmp_path):
+    script = tmp_path / "no_model.py"
+    script.write_text("print('nothing to train')\n")
+    status, out, err = run(str(script))
+    assert status == 0 and "nothing to train" in out
+    assert "checking is off" not in err
+    assert "no train/eval mode problems" in err and "none (no model was called)" in err

@@ -109,3 +109,71 @@ def test_disabled_rule_is_not_subscribed(monkeypatch):
         assert "MG301" in step_codes
     finally:
         guard.unwatch()
+
+
+# ---- one resolver for every entry point ---------------------------------------------------
+
+
+def test_resolve_precedence_explicit_env_ini_default():
+    env = {"MODEGUARD_FAIL_ON": "warning", "MODEGUARD_BACKWARD_SAMPLE": "4"}
+    c = resolve({"fail_on": "info"}, ini={"fail_on": "never", "backward_sample": "2"},
+                defaults={"fail_on": "error", "backward_sample": 8}, environ=env)
+    assert c.fail_on is modeguard.FailOn.INFO and c.sources["fail_on"] == "fail_on="
+    assert c.backward_sample == 4 and c.sources["backward_sample"] == "MODEGUARD_BACKWARD_SAMPLE"
+    c = resolve(ini={"fail_on": "never"}, defaults={"fail_on": "error"}, environ={})
+    assert c.fail_on is modeguard.FailOn.NEVER and c.sources["fail_on"].startswith("ini")
+    c = resolve(defaults={"fail_on": "warning"}, environ={})
+    assert c.fail_on is modeguard.FailOn.WARNING and c.sources["fail_on"] == "default"
+    assert resolve(environ={}) == Config()
+
+
+def test_resolve_merges_rule_severities_code_by_code():
+    c = resolve({"severities": {"MG401": "error"}}, ini={"severities": "MG401=off,MG201=info"},
+                environ={"MODEGUARD_RULES": "MG201=error"}, rule_code=rule_code)
+    assert c.severities == {"MG401": Severity.ERROR, "MG201": Severity.ERROR}
+
+
+def test_resolve_reads_only_the_settings_an_entry_point_uses():
+    c = resolve(environ={"MODEGUARD_FAIL_ON": "banana"}, settings=("on_violation",))
+    assert c.fail_on is modeguard.FailOn.ERROR
+
+
+def test_one_fail_on_vocabulary():
+    FailOn = modeguard.FailOn
+    assert [f.value for f in FailOn] == ["error", "warning", "info", "never"]
+    assert FailOn.parse("warn") is FailOn.WARNING and FailOn.parse("off") is FailOn.NEVER
+    assert FailOn.WARNING.fails(Severity.ERROR) and not FailOn.ERROR.fails(Severity.WARNING)
+    assert not FailOn.NEVER.fails(Severity.ERROR) and FailOn.INFO.fails(Severity.INFO)
+    with pytest.raises(ValueError, match="expected one of: error, warning, info, never"):
+        FailOn.parse("sometimes")
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("MODEGUARD", "banana", "MODEGUARD='banana': unknown on_violation 'banana'"),
+    ("MODEGUARD_RULES", "MG999=off", "MODEGUARD_RULES='MG999=off': unknown rule 'MG999'"),
+    ("MODEGUARD_FAIL_ON", "sometimes", "MODEGUARD_FAIL_ON='sometimes': unknown level 'sometimes'"),
+    ("MODEGUARD_BACKWARD_SAMPLE", "zero", "MODEGUARD_BACKWARD_SAMPLE='zero': expected a positive integer"),
+])
+def test_a_bad_environment_variable_is_one_usage_line_for_modeguard_run(monkeypatch, var, value, message):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MODEGUARD")}
+    env[var] = value
+    proc = subprocess.run([sys.executable, "-m", "modeguard", "run", __file__], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("modeguard run: error:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_environment_variable_for_watch_names_it(monkeypatch):
+    import torch.nn as nn
+
+    monkeypatch.setenv("MODEGUARD_RULES", "MG101=loud")
+    with pytest.raises(ValueError, match="MODEGUARD_RULES='MG101=loud': unknown severity 'loud'"):
+        modeguard.watch(nn.Linear(2, 2))
+    monkeypatch.setenv("MODEGUARD_RULES", "")
+    monkeypatch.setenv("MODEGUARD_FAIL_ON", "banana")  # not watch()'s business
+    modeguard.watch(nn.Linear(2, 2)).unwatch()

@@ -257,3 +257,17 @@ def test_a_session_started_before_loading_is_used_and_left_running(shell):
     assert len(displays) == 1 and "MG101" in displays[0]["text/plain"]
     shell.run_line_magic("unload_ext", "modeguard")
     assert auto.current() is guard and guard.active
+
+
+def test_a_bad_setting_is_a_one_line_usage_error_and_loads_nothing(shell, monkeypatch):
+    monkeypatch.setenv("MODEGUARD", "banana")
+    with capture_output() as cap:
+        result = shell.run_cell("%load_ext modeguard", store_history=True)
+    assert result.error_in_exec is None or "UsageError" in type(result.error_in_exec).__name__
+    text = cap.stdout + cap.stderr
+    assert "MODEGUARD='banana': unknown on_violation 'banana'" in text
+    assert "Traceback" not in text
+    assert not auto.active() and not modes.is_patched()
+    assert "modeguard" not in shell.magics_manager.magics["line"]
+    monkeypatch.setenv("MODEGUARD", "record")
+    load(shell)  # a corrected setting loads as usual

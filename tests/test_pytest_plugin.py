@@ -421,9 +421,12 @@ def test_fixture_and_automatic_watching_together_report_once(suite):
     "args, env, message",
     [
         (["--modeguard-fail-on", "sometimes"], {}, "*invalid choice: 'sometimes'*"),
-        (["--modeguard"], {"MODEGUARD_FAIL_ON": "sometimes"}, "*MODEGUARD_FAIL_ON: unknown level 'sometimes'*"),
+        (["--modeguard"], {"MODEGUARD_FAIL_ON": "sometimes"}, "*MODEGUARD_FAIL_ON='sometimes': unknown level 'sometimes'*"),
         ([], {"MODEGUARD_PYTEST": "maybe"}, "*MODEGUARD_PYTEST='maybe': expected 1 or 0*"),
         (["--modeguard-rules", "MG999=off"], {}, "*--modeguard-rules: unknown rule 'MG999'*"),
+        ([], {"MODEGUARD": "banana"}, "*MODEGUARD='banana': unknown on_violation 'banana'*"),
+        ([], {"MODEGUARD_RULES": "MG101=loud"}, "*MODEGUARD_RULES='MG101=loud': unknown severity 'loud'*"),
+        ([], {"MODEGUARD_BACKWARD_SAMPLE": "0"}, "*MODEGUARD_BACKWARD_SAMPLE='0': expected a positive integer*"),
     ],
 )
 def test_bad_settings_are_usage_errors(pytester, monkeypatch, args, env, message):
