@@ -85,7 +85,9 @@ class Guard:
         if config is None:
             config, frozen_modules = settings_config(on_violation, rules, frozen, backward_sample)
         else:
-            _, frozen_modules = split_frozen(frozen)
+            patterns, frozen_modules = split_frozen(frozen)
+            if patterns:
+                config = config.replace(frozen=config.frozen + patterns)
         self.config = config
         self._roots: dict = {}      # id(module) -> RootState
         self.roots_version = 0      # moves when a root is added or forgotten
@@ -376,7 +378,9 @@ def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "wa
     config, frozen_modules = settings_config(on_violation, rules, frozen, backward_sample)
     existing = guard_of(model)
     if existing is not None:
-        _warn_if_settings_differ(existing, config, frozen_modules, on_violation)
+        given = {"on_violation": on_violation != "warn", "rules": rules is not None,
+                 "frozen": frozen is not None, "backward_sample": backward_sample is not None}
+        _warn_if_settings_differ(existing, config, frozen_modules, given)
         guard = existing
         guard._created_by_last_call = False
     else:
@@ -388,15 +392,20 @@ def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "wa
     return guard
 
 
-def _warn_if_settings_differ(guard: Guard, config: Config, frozen_modules, on_violation) -> None:
-    changed = guard.config.differences(config)
-    if on_violation != "warn" and config.on_violation is not guard.config.on_violation:
-        changed.insert(0, "on_violation")
-    if frozen_modules and set(map(id, frozen_modules)) != set(map(id, guard._frozen_modules)):
-        changed.append("frozen")
+def _warn_if_settings_differ(guard: Guard, config: Config, frozen_modules, given: dict) -> None:
+    """Settings passed to this watch() call (``given``) that differ from the guard's."""
+    mine = guard.config
+    changed = [
+        name for name, differs in (
+            ("on_violation", config.on_violation is not mine.on_violation),
+            ("rules", config.severities != mine.severities),
+            ("frozen", config.frozen != mine.frozen or {id(m) for m in frozen_modules} != {id(m) for m in guard._frozen_modules}),
+            ("backward_sample", config.backward_sample != mine.backward_sample),
+        )
+        if given[name] and differs
+    ]
     if changed:
-        names = {"severities": "rules"}
-        listed = ", ".join(f"{names.get(c, c)}=" for c in changed)
+        listed = ", ".join(f"{c}=" for c in changed)
         warnings.warn(
             f"modeguard: this model is already watched, with other settings ({listed}); the new ones are "
             f"ignored. Call guard.unwatch() first to watch it with new settings.",

@@ -19,8 +19,8 @@ import os
 import runpy
 import sys
 import traceback
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List
 
 from ._frames import _is_internal
 
@@ -34,8 +34,6 @@ class Outcome:
     """How the program ended."""
 
     exit_status: int
-    exception: Optional[BaseException] = None  # an uncaught exception (not SystemExit)
-    watched: List[str] = field(default_factory=list)
 
 
 def check_target(target: str, as_module: bool) -> None:
@@ -105,10 +103,10 @@ def run_program(target: str, args: List[str], as_module: bool = False) -> Outcom
         return Outcome(_exit_status(exc.code))
     except KeyboardInterrupt as exc:
         _show_traceback(exc)
-        return Outcome(130, exc)
+        return Outcome(130)
     except BaseException as exc:  # the program's own error: shown, kept, never swallowed
         _show_traceback(exc)
-        return Outcome(1, exc)
+        return Outcome(1)
     finally:
         try:
             sys.stdout.flush()

@@ -485,3 +485,105 @@ def test_exception_inside_a_forward_leaves_the_depth_counter_clean():
 
     _, names = _run(program)
     assert names == ["Broken", "Net"]
+
+
+# ---- threads, and many models ---------------------------------------------------------------
+
+
+def test_mode_switches_in_one_thread_while_another_calls_new_models():
+    import sys
+    import threading
+
+    errors, names = [], []
+    stop = threading.Event()
+    toggled = Net()
+
+    def switcher():
+        try:
+            while not stop.is_set():
+                toggled.train()
+                toggled.eval()
+        except BaseException as exc:  # what the user's own model.train() would raise
+            errors.append(exc)
+
+    def caller():
+        try:
+            with torch.no_grad():
+                for _ in range(150):
+                    Net()(_x())
+            names.extend(auto.watched_names())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    auto.start(on_violation="record")
+    try:
+        threads = [threading.Thread(target=switcher), threading.Thread(target=caller)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        sys.setswitchinterval(old)
+        auto.stop()
+    assert errors == []
+    assert len(names) == 150  # every new model was still watched
+
+
+def test_a_second_thread_does_not_corrupt_the_depth_count():
+    import threading
+
+    inside = threading.Event()
+    release = threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            inside.set()
+            release.wait(10)
+            return self.fc(x)
+
+    slow = Slow()
+
+    def program():
+        t = threading.Thread(target=lambda: slow(_x()))
+        t.start()
+        inside.wait(10)
+        # Thread t is inside a watched model: a call from this thread is still outermost.
+        Net()(_x())
+        release.set()
+        t.join(10)
+        assert auto._depth.n == 0
+
+    _, names = _run(program)
+    assert sorted(names) == ["Net", "Slow"]
+
+
+def test_discovering_a_model_does_not_look_at_the_models_seen_before(monkeypatch):
+    walked = []
+    real = nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        walked.append(id(self))
+        return real(self, *args, **kwargs)
+
+    def program():
+        earlier = [Net() for _ in range(40)]
+        for m in earlier:
+            m(_x())
+        monkeypatch.setattr(nn.Module, "named_modules", counting)
+        newcomer = Net()
+        newcomer(_x())
+        monkeypatch.setattr(nn.Module, "named_modules", real)
+        assert not {id(m) for m in earlier} & set(walked), "discovery walked earlier models"
+        assert id(newcomer) in walked
+
+    _, names = _run(program)
+    assert len(names) == 41 and len(set(names)) == 41  # every model named, no name twice

@@ -523,3 +523,34 @@ def test_a_model_in_steady_training_carries_one_hook_and_mode_changes_arm_a_one_
         guard.unwatch()
     assert id(guard) not in modes.ON_EPOCH
     assert len(model._forward_pre_hooks) == 0 and len(model._forward_hooks) == 0
+
+
+# ---- watching again, and what the guard accepts ------------------------------------------
+
+
+def test_watch_again_with_other_settings_warns_and_keeps_the_first(net_opt):
+    model, opt = net_opt
+    with modeguard.watch(model, opt, on_violation="record", rules={"MG401": "off"}) as guard:
+        with pytest.warns(modeguard.ModeGuardWarning, match=r"already watched, with other settings \(rules=, backward_sample=\)") as rec:
+            again = modeguard.watch(model, opt, rules={"MG401": "error"}, backward_sample=1)
+        assert rec[0].filename == __file__
+        assert again is guard and guard.config.severities == {"MG401": modeguard.Severity.OFF}
+        assert guard.backward_sample == 16
+
+
+def test_watch_again_with_the_same_settings_is_silent(net_opt):
+    model, opt = net_opt
+    with modeguard.watch(model, opt, on_violation="record", rules={"MG401": "off"}) as guard:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert modeguard.watch(model, opt, on_violation="record", rules={"MG401": "off"}) is guard
+            assert modeguard.watch(model) is guard
+
+
+@pytest.mark.parametrize("bad", ["model", 3])
+def test_mode_map_of_something_else_names_what_it_expects(net_opt, bad):
+    model, opt = net_opt
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        with pytest.raises(TypeError, match=r"mode_map\(\) expects a torch.nn.Module"):
+            guard.mode_map(bad)
+        assert guard.mode_map().rows  # and with nothing, the watched model

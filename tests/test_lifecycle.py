@@ -555,3 +555,110 @@ def test_watched_model_and_guard_survive_gc_cycle_while_in_use():
         model.eval()
         _step(model, opt)
         assert [v.code for v in guard.violations] == ["MG101"]
+
+
+# ---- unwatch() cannot raise, and a dropped guard is freed -----------------------------------
+
+
+def _eval_graph_freed_unused(model):
+    """An eval-mode forward with grad enabled whose graph is freed before any hook runs
+    again: its finding waits to be drained (by the next hook, a report or unwatch())."""
+    model.eval()
+    out = model(_x())
+    del out
+    model.train()
+
+
+def test_unwatch_in_raise_mode_cleans_up_and_keeps_the_finding():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = modeguard.watch(model, opt, on_violation="raise", rules={"MG401": "error"})
+    _eval_graph_freed_unused(model)
+    guard.unwatch()  # the drained MG401 would raise here; it is recorded instead
+    assert [v.code for v in guard.violations] == ["MG401"]
+    assert not guard.active and not modes.is_patched()
+    assert _all_hook_dicts_empty(model) and _optimizer_hooks_empty(opt)
+    assert guard_of(model) is None
+    guard.unwatch()  # still nothing to do, and nothing raised
+
+
+def test_reading_violations_and_report_never_raises(recwarn):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="raise", rules={"MG401": "error"}) as guard:
+        _eval_graph_freed_unused(model)
+        assert [v.code for v in guard.violations] == ["MG401"]
+        _eval_graph_freed_unused(model)
+        report = guard.report()
+        assert [v.code for v in report] == ["MG401"] and report.violations[0].count == 2
+
+
+def test_unwatch_under_warnings_as_errors():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = modeguard.watch(model, opt, on_violation="warn")
+    _eval_graph_freed_unused(model)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under `python -W error`
+        guard.unwatch()
+    assert [v.code for v in guard.violations] == ["MG401"]
+    assert not modes.is_patched() and _all_hook_dicts_empty(model)
+
+
+def test_dropped_guards_are_freed_and_the_patches_go_with_the_last():
+    refs = []
+    for _ in range(200):
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        refs.append(weakref.ref(modeguard.watch(model, opt, on_violation="record")))
+        _step(model, opt)
+        del model, opt
+    assert modes.is_patched()
+    gc.collect()
+    assert all(r() is None for r in refs), "a dropped guard is still alive"
+    assert modes.ON_EPOCH == {}, "mode changes still call dropped guards"
+    assert not modes.is_patched(), "nn.Module still patched with no guard alive"
+
+
+def test_a_guard_kept_alive_by_its_model_keeps_watching():
+    # `modeguard.watch(model, opt)` with the guard not kept: the model's hook holds it.
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    modeguard.watch(model, opt, on_violation="record")
+    gc.collect()
+    guard = guard_of(model)
+    assert guard is not None and modes.is_patched()
+    model.eval()
+    _step(model, opt)
+    assert [v.code for v in guard.violations] == ["MG101"]
+    guard.unwatch()
+
+
+def test_nested_with_on_the_same_model_leaves_the_outer_guard_on():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as outer:
+        with modeguard.watch(model, opt, on_violation="record") as inner:
+            assert inner is outer
+        assert outer.active and guard_of(model) is outer
+        model.eval()
+        _step(model, opt)
+        assert [v.code for v in outer.violations] == ["MG101"]
+    assert not outer.active and not modes.is_patched()
+
+
+def test_with_on_an_already_watched_model_leaves_that_guard_on():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = modeguard.watch(model, opt, on_violation="record")
+    with modeguard.watch(model):
+        pass
+    assert guard.active
+    # A watch() call inside the block that adds an optimizer does not change who ends it.
+    second = Net()
+    with modeguard.watch(second, on_violation="record") as other:
+        modeguard.watch(second, torch.optim.SGD(second.parameters(), lr=0.1), on_violation="record")
+    assert not other.active
+    guard.unwatch()

@@ -126,6 +126,39 @@ def test_frozen_rejects_bad_input():
     assert not modes.is_patched()
 
 
+def test_frozen_as_one_string_is_one_pattern(setup):
+    model, opt = setup
+    # "head*" iterated character by character would give the pattern "*", freezing all.
+    with modeguard.watch(model, opt, on_violation="record", frozen="head*") as guard:
+        model.backbone.eval()
+        _step(model, opt)
+        assert [(v.code, v.modules) for v in guard.violations] == [("MG101", ["backbone.1"])]
+    with modeguard.watch(model, opt, on_violation="record", frozen="backbone.*") as guard:
+        _step(model, opt)
+        assert guard.violations == []
+
+
+def test_frozen_as_one_module(setup):
+    model, opt = setup
+    with modeguard.watch(model, opt, on_violation="record", frozen=model.backbone) as guard:
+        model.backbone.eval()
+        _step(model, opt)
+        assert guard.violations == []
+    assert not sensitivity.is_marked_frozen(model.backbone)
+
+
+@pytest.mark.parametrize("bad", [3, 2.5, object()])
+def test_frozen_argument_of_another_type_names_what_it_accepts(bad):
+    with pytest.raises(TypeError, match=r"frozen= expects an nn.Module, a name pattern.*got"):
+        modeguard.watch(nn.Linear(2, 2), frozen=bad)
+    assert not modes.is_patched()
+
+
+def test_unfreeze_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match=r"unfreeze\(\) expects nn.Module objects.*got builtins.str"):
+        modeguard.unfreeze("backbone")
+
+
 # ---- allow ------------------------------------------------------------------------------------
 
 

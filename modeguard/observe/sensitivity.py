@@ -121,16 +121,25 @@ def params_frozen(module: nn.Module, recurse: bool) -> Optional[bool]:
 _frozen_marks: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def mark_frozen(modules: Iterable[nn.Module]) -> None:
-    for m in modules:
+def _modules(modules: Iterable[nn.Module], caller: str) -> list:
+    out = list(modules)
+    for m in out:
         if not isinstance(m, nn.Module):
-            raise TypeError(f"modeguard.frozen() expects nn.Module objects, got {type(m).__name__}")
+            raise TypeError(
+                f"modeguard.{caller}() expects nn.Module objects (for name patterns, use "
+                f"watch(..., frozen=['backbone.*'])), got {type(m).__module__}.{type(m).__name__}"
+            )
+    return out
+
+
+def mark_frozen(modules: Iterable[nn.Module]) -> None:
+    for m in _modules(modules, "frozen"):
         _frozen_marks.add(m)
     modes.bump_mode_epoch()
 
 
 def unmark_frozen(modules: Iterable[nn.Module]) -> None:
-    for m in modules:
+    for m in _modules(modules, "unfreeze"):
         _frozen_marks.discard(m)
     modes.bump_mode_epoch()
 
