@@ -59,7 +59,9 @@ class SharedPatches:
     def __init__(self, install: Callable[[Patches], None]):
         self._install = install
         self._users = 0
-        self._lock = threading.Lock()
+        # Re-entrant: a dropped guard's finaliser may release during a collection that
+        # an allocation inside acquire() set off, in the same thread.
+        self._lock = threading.RLock()
         self._patches = Patches()
 
     def acquire(self) -> None:
