@@ -253,30 +253,31 @@ def _given(value) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
-def _describe(source: str, raw) -> str:
-    """``MODEGUARD='banana'``, ``on_violation='banana'``, ``--fail-on``, ``ini option ...``."""
-    if source.isupper():
+def _describe(kind: str, source: str, raw) -> str:
+    """``MODEGUARD='banana'``, ``on_violation='banana'``, ``argument --fail-on``, ``ini option ...``."""
+    if kind == "env":
         return f"{source}={raw!r}"
     return f"{source}{raw!r}" if source.endswith("=") else source
 
 
 def sources_of(name: str, explicit: Mapping, ini: Mapping, defaults: Mapping, labels: Mapping,
                environ: Mapping[str, str], env: Optional[str] = None):
-    """``(source, raw value)`` for setting ``name``, in precedence order: explicit,
-    environment (``ENV[name]``, or ``env``), ini, defaults. The one statement of the
+    """``(kind, source, raw value)`` for setting ``name``, in precedence order: explicit,
+    environment (``ENV[name]``, or ``env``), ini, defaults; ``source`` names it for
+    messages (``labels`` may rename the explicit and ini ones). The one statement of the
     order; an entry point's own switch (the pytest plugin's ``MODEGUARD_PYTEST``) reads
     it here too."""
-    yield labels.get(name, f"{name}="), explicit.get(name)
+    yield "explicit", labels.get(name, f"{name}="), explicit.get(name)
     env = env or ENV.get(name)
     if env is not None:
-        yield env, environ.get(env)
-    yield labels.get(f"ini:{name}", f"ini option modeguard_{name}"), ini.get(name)
-    yield "default", defaults.get(name)
+        yield "env", env, environ.get(env)
+    yield "ini", labels.get(f"ini:{name}", f"ini option modeguard_{name}"), ini.get(name)
+    yield "default", "default", defaults.get(name)
 
 
 def first_given(layers) -> Tuple[Optional[str], Any]:
-    """The first ``(source, raw)`` of ``layers`` that gives a value, or ``(None, None)``."""
-    for source, raw in layers:
+    """The ``(source, raw)`` of the first of ``layers`` that gives a value, or ``(None, None)``."""
+    for _kind, source, raw in layers:
         if _given(raw):
             return source, raw
     return None, None
@@ -310,22 +311,22 @@ def resolve(
     for name, parse in _PARSERS.items():
         if name not in settings:
             continue
-        for source, raw in layers(name):
+        for kind, source, raw in layers(name):
             if _given(raw):
-                from_text = _FROM_TEXT.get(name) if source.isupper() or source.startswith("ini") else None
+                from_text = _FROM_TEXT.get(name) if kind in ("env", "ini") and isinstance(raw, str) else None
                 try:
-                    values[name] = parse(from_text(raw) if from_text and isinstance(raw, str) else raw)
+                    values[name] = parse(from_text(raw) if from_text else raw)
                 except ConfigError as exc:
-                    raise ConfigError(f"{_describe(source, raw)}: {exc}") from None
+                    raise ConfigError(f"{_describe(kind, source, raw)}: {exc}") from None
                 sources[name] = source
                 break
     severities: Dict[str, Severity] = {}
-    for source, raw in reversed(list(layers("severities")) if "severities" in settings else []):
+    for kind, source, raw in reversed(list(layers("severities")) if "severities" in settings else []):
         if _given(raw) and raw != {}:
             try:
                 severities.update(parse_rules(raw, rule_code))
             except ConfigError as exc:
-                raise ConfigError(f"{_describe(source, raw)}: {exc}") from None
+                raise ConfigError(f"{_describe(kind, source, raw)}: {exc}") from None
             sources["severities"] = source
     values["severities"] = severities
     frozen = explicit.get("frozen")
