@@ -180,8 +180,8 @@ class AutoSession:
 
     def _step_pre(self, optimizer, args, kwargs):
         guard = self.guard
-        if guard.active:
-            ost = guard.optimizer_state(optimizer)
+        if guard._active:  # the attribute, not the property: this runs on every step
+            ost = guard._opts.get(id(optimizer))
             if ost is None:
                 guard.watch_optimizer(optimizer, hooks=False, check_params=False)
                 ost = guard.optimizer_state(optimizer)

@@ -37,10 +37,8 @@ class _Streaks:
         self.nograd_mark = self.nograd_seq = self.unused_mark = -1
 
 
-def _streaks(root) -> _Streaks:
-    s = root.rule_state.get("MG201")
-    if s is None:
-        s = root.rule_state["MG201"] = _Streaks()
+def _new_streaks(root) -> _Streaks:
+    s = root.rule_state["MG201"] = _Streaks()
     return s
 
 
@@ -66,7 +64,8 @@ class EvalInTrainMode(Rule):
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
 
     def on_nograd_forward(self, guard, root, snapshot):
-        s = _streaks(root)
+        # Called on every no_grad forward: the lookup inline, the constructor only once.
+        s = root.rule_state.get("MG201") or _new_streaks(root)
         if not snapshot.root_training or not snapshot.train_sensitive:
             s.nograd = 0
             return
@@ -85,7 +84,7 @@ class EvalInTrainMode(Rule):
         if not snap.root_training or not snap.train_sensitive:
             return
         root = record.root
-        s = _streaks(root)
+        s = root.rule_state.get("MG201") or _new_streaks(root)
         act = ACTIVITY[0]
         if act == s.unused_mark:
             s.unused += 1
