@@ -198,14 +198,13 @@ def _print_summary(report, label, watched, checked, program_status, status, args
         if stream.isatty():
             from rich.console import Console
 
+            from .report import Report
+
             console = Console(file=stream, highlight=False)
             if report.violations:
-                table = report.table()
-                table.title = head
-                console.print(table)
-                if not args.quiet:
-                    for v in report.violations:
-                        console.print(v.message, markup=False, highlight=False)
+                summary = Report(report.violations, title=head)
+                # The table, then (unless --quiet) each message, as str(report) has them.
+                console.print(summary.table() if args.quiet else summary)
             else:
                 console.print(head, markup=False, style="green")
             console.print(tail, markup=False, style="bold" if status != program_status else "")
@@ -226,25 +225,12 @@ def _status_line(program_status: int, status: int, fail_on: str) -> str:
 
 
 def _plain_summary(report, head: str, quiet: bool) -> str:
-    if not report.violations:
-        return head + "\n"
-    rows = [("code", "severity", "count", "model / modules", "where", "mode set at")]
-    for v in report.violations:
-        mods = v.model + (": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "") if v.modules else "")
-        site = v.mode_set_at
-        rows.append((
-            f"{v.code} {v.name}", v.severity.label, str(v.count), mods,
-            v.location.short() if v.location else "-",
-            f"{site.how} at {site.location.short()}" if site and site.location else (site.how if site else "-"),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [head]
-    for r in rows:
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    out = "\n".join(lines) + "\n"
-    if not quiet:
-        out += "\n" + "\n\n".join(v.message for v in report.violations) + "\n\n"
-    return out
+    """The summary in a pipe: str(report) with ``head`` for its title, then a blank line
+    before the status line when the messages are shown."""
+    from .report.text import report_text
+
+    text = report_text(report.violations, head, details=not quiet)
+    return text + "\n" if report.violations and not quiet else text
 
 
 def build_parser() -> argparse.ArgumentParser:
