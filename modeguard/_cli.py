@@ -259,7 +259,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _parse_run(parser._run_parser, argv[1:])
     else:
         args = parser.parse_args(argv)
-    return args.func(args)
+    return _call(args)
+
+
+def _call(args) -> int:
+    """Run the command; a reader that went away (`modeguard explain MG101 | head`) ends it
+    quietly, as Python's own tools do, with status 1 or the one already decided
+    (`modeguard run`). argparse's own output (--help) already ignores a closed pipe."""
+    status = None
+    try:
+        try:
+            status = args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return status or 1
+    return status
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at devnull, so that the flush at interpreter exit cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured, replaced)
+        sys.stdout = open(os.devnull, "w")
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
