@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 if TYPE_CHECKING:
     from .violation import Violation
 
-#: Where field values wrap (the width of ``modeguard explain`` too).
+#: Where field values wrap.
 WIDTH = 88
 
 NO_PROBLEMS = "modeguard: no train/eval mode problems found."
