@@ -200,14 +200,13 @@ def _print_summary(report, label, watched, checked, program_status, status, args
         if stream.isatty():
             from rich.console import Console
 
+            from .report import Report
+
             console = Console(file=stream, highlight=False)
             if report.violations:
-                table = report.table()
-                table.title = head
-                console.print(table)
-                if not args.quiet:
-                    for v in report.violations:
-                        console.print(v.message, markup=False, highlight=False)
+                summary = Report(report.violations, title=head)
+                # The table, then (unless --quiet) each message, as str(report) has them.
+                console.print(summary.table() if args.quiet else summary)
             else:
                 console.print(head, markup=False, style="green")
             console.print(tail, markup=False, style="bold" if status != program_status else "")
@@ -228,25 +227,12 @@ def _status_line(program_status: int, status: int, fail_on: str) -> str:
 
 
 def _plain_summary(report, head: str, quiet: bool) -> str:
-    if not report.violations:
-        return head + "\n"
-    rows = [("code", "severity", "count", "model / modules", "where", "mode set at")]
-    for v in report.violations:
-        mods = v.model + (": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "") if v.modules else "")
-        site = v.mode_set_at
-        rows.append((
-            f"{v.code} {v.name}", v.severity.label, str(v.count), mods,
-            v.location.short() if v.location else "-",
-            f"{site.how} at {site.location.short()}" if site and site.location else (site.how if site else "-"),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [head]
-    for r in rows:
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    out = "\n".join(lines) + "\n"
-    if not quiet:
-        out += "\n" + "\n\n".join(v.message for v in report.violations) + "\n\n"
-    return out
+    """The summary in a pipe: str(report) with ``head`` for its title, then a blank line
+    before the status line when the messages are shown."""
+    from .report.text import report_text
+
+    text = report_text(report.violations, head, details=not quiet)
+    return text + "\n" if report.violations and not quiet else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +261,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _parse_run(parser._run_parser, argv[1:])
     else:
         args = parser.parse_args(argv)
-    return args.func(args)
+    return _call(args)
+
+
+def _call(args) -> int:
+    """Run the command; a reader that went away (`modeguard explain MG101 | head`) ends it
+    quietly, as Python's own tools do, with status 1 or the one already decided
+    (`modeguard run`). argparse's own output (--help) already ignores a closed pipe."""
+    status = None
+    try:
+        try:
+            status = args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return status or 1
+    return status
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at devnull, so that the flush at interpreter exit cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured, replaced)
+        sys.stdout = open(os.devnull, "w")
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

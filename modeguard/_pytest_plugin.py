@@ -289,12 +289,8 @@ def _report(violations):
 
 
 def _report_text(violations) -> str:
-    """The report as plain text: the table, then each violation's message with its own
-    line breaks (re-wrapping them to a console width would split the file paths)."""
-    from .report.render import _plain
-
-    report = _report(violations)
-    return _plain(report.table()) + "\n" + "\n\n".join(v.message for v in report) + "\n"
+    """The report as plain text: ``str(report)``, the table, then each violation's message."""
+    return str(_report(violations))
 
 
 def _failure_message(failing: list, violations: list, fail_on: Severity) -> str:

@@ -68,10 +68,10 @@ def main() -> int:
     finally:
         auto.stop()
     print()
-    from rich.console import Console
+    from .report.render import print_report
 
-    Console(stderr=False).print(guard.report())
-    print("Fix: call model.train() after validate(), and evaluate under torch.no_grad().")
+    print_report(guard.report())
+    print("\nFix: call model.train() after validate(), and evaluate under torch.no_grad().")
     return 0
 
 

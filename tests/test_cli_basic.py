@@ -1,5 +1,6 @@
 """The basic CLI commands: `rules` and `explain`, in process and as `python -m modeguard`."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,23 @@ def test_python_dash_m_explain_bad_exits_2():
     assert res.returncode == 2
     assert res.stdout == ""
     assert "unknown rule 'BAD'" in res.stderr
+
+
+@pytest.mark.parametrize("args", [("explain", "MG101"), ("rules",)])
+def test_a_reader_that_closes_early_ends_the_command_quietly(args):
+    """`modeguard explain MG101 | head`: no BrokenPipeError traceback, status 1."""
+    read_end, write_end = os.pipe()
+    # The reader has exited before modeguard starts, so its first write finds the pipe
+    # closed every time (with `head`, which may still be reading, only sometimes).
+    subprocess.run([sys.executable, "-c", "import sys; sys.stdin.close()"], stdin=read_end, timeout=60)
+    os.close(read_end)
+    try:
+        res = subprocess.run([sys.executable, "-m", "modeguard", *args], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.stderr == ""
+    assert res.returncode == 1
 
 
 def test_no_command_is_a_usage_error(capsys):

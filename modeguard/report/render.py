@@ -1,23 +1,27 @@
 """Rendering reports and mode maps.
 
 Both are rich renderables that also print as plain text (``str()``), show as HTML in
-Jupyter (``_repr_html_``) and export as data (``to_dict()``/``to_json()``). Colour follows
-rich: on for a terminal, off in a pipe, ``FORCE_COLOR``/``NO_COLOR`` to force either way.
+Jupyter (``_repr_html_``) and export as data (``to_dict()``/``to_json()``). A report's
+plain text comes from :mod:`.text`, and its rich form is drawn from the same rows and
+messages. Colour follows rich: on for a terminal, off in a pipe, ``FORCE_COLOR``/``NO_COLOR``
+to force either way.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Iterable, List, Optional
+import sys
+from typing import Iterable, List, Optional, TextIO
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
 from .._config import Severity
 from .._version import __version__
+from .text import COLUMNS, NO_PROBLEMS, WIDTH, report_text, table_rows, violation_text
 from .violation import Violation
 
 SCHEMA_VERSION = 1
@@ -63,29 +67,33 @@ class Report:
         return max((v.severity for v in self.violations), default=None)
 
     def table(self) -> Table:
+        """The summary table for rich: the plain table's rows (``text.table_rows``)."""
         t = Table(title=self.title, title_justify="left", show_lines=False)
-        for col in ("code", "severity", "count", "model / modules", "where", "mode set at"):
+        for col in COLUMNS:
             t.add_column(col, overflow="fold")
-        for v in self.violations:
-            mods = v.model + (": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "") if v.modules else "")
-            t.add_row(
-                Text(f"{v.code} {v.name}"),
-                Text(v.severity.label, style=_STYLE.get(v.severity, "")),
-                str(v.count),
-                mods,
-                v.location.short() if v.location else "-",
-                (v.mode_set_at.how + " " + v.mode_set_at.location.short()) if v.mode_set_at and v.mode_set_at.location else "-",
-            )
+        for v, row in zip(self.violations, table_rows(self.violations)):
+            # Text cells: a model named `Net[0]` is not rich markup.
+            t.add_row(Text(row[0]), Text(row[1], style=_STYLE.get(v.severity, "")), *map(Text, row[2:]))
         return t
 
-    def __rich__(self):
+    def __rich_console__(self, console, options):
         if not self.violations:
-            return Text("modeguard: no train/eval mode problems found.", style="green")
-        details = [Text(v.message + "\n", style=_STYLE.get(v.severity, "")) for v in self.violations]
-        return Group(self.table(), Text(""), *details)
+            yield Text(NO_PROBLEMS, style="green")
+            return
+        yield self.table()
+        # Wrapped here, hanging, as the plain text is: rich would wrap long lines flush
+        # left. Lines the plain text keeps whole wrap at the console's width, which
+        # would break them anyway; rich still folds a path wider than the console.
+        screen = options.max_width
+        for v in self.violations:
+            yield Text("")
+            text = violation_text(v, min(WIDTH, screen), screen=screen)
+            yield Text(text, style=_STYLE.get(v.severity, ""), overflow="fold")
 
     def __str__(self) -> str:
-        return _plain(self)
+        if not self.violations:
+            return NO_PROBLEMS + "\n"
+        return report_text(self.violations, self.title)
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -108,6 +116,18 @@ class Report:
 
     def to_json(self, indent: int = 2, **extra) -> str:
         return json.dumps(self.to_dict(**extra), indent=indent)
+
+
+def print_report(report: Report, file: Optional[TextIO] = None) -> None:
+    """Print a report for a person: drawn by rich on a terminal (or with ``FORCE_COLOR``),
+    anywhere else its plain text, exactly ``str(report)``."""
+    file = sys.stdout if file is None else file
+    console = Console(file=file, highlight=False, force_jupyter=False)
+    if console.is_terminal:
+        console.print(report)
+    else:
+        file.write(str(report))
+        file.flush()
 
 
 class ModeMap:

@@ -8,6 +8,7 @@ from typing import List, Optional
 from .._config import Severity
 from .._frames import Location
 from ..observe.modes import ModeSite
+from .text import violation_text
 
 
 def _first_sentence(text: str) -> str:
@@ -33,19 +34,8 @@ class Violation:
 
     @property
     def message(self) -> str:
-        lines = [f"{self.code} {self.name} [{self.severity.label}]: {self.headline}."]
-        if self.location is not None:
-            lines.append(f"  where:    {self.location}")
-        mods = ""
-        if self.modules:
-            shown = ", ".join(self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
-            mods = f"; modules: {shown}"
-        lines.append(f"  model:    {self.model}{mods}")
-        if self.mode_set_at is not None:
-            lines.append(f"  mode set: {self.mode_set_at.describe()}")
-        lines.append(f"  why:      {self.why}")
-        lines.append(f"  fix:      {self.fix}")
-        return "\n".join(lines)
+        """What, where, why and the fix, as every text output shows it (``report.text``)."""
+        return violation_text(self)
 
     def __str__(self) -> str:
         return self.message
