@@ -185,7 +185,8 @@ class AutoSession:
             # An optimizer also passed to modeguard.watch() has its own step hooks on the
             # same guard: checking the step here too would count it twice.
             if ost is not None and not ost.handles:
-                before_step(guard, ost, optimizer, args, kwargs)
+                return before_step(guard, ost, optimizer, args, kwargs)
+        return None
 
     def _uninstall(self) -> None:
         self._patches.restore()

@@ -133,7 +133,7 @@ def follow(guard, st, snap, output, act) -> None:
     nodes = output_grad_fns(output)
     if not nodes:
         return
-    if snap.plain_train:
+    if snap.plain_train and st.grads_persist is False:
         n = guard.backward_sample
         st.countdown = guard.rng.randrange(2 * n - 1) if n > 1 else 0
     # The user's line is needed only if this forward may turn out to be evaluation:
@@ -149,24 +149,43 @@ def make_step_pre_hook(guard, ost):
     return functools.partial(before_step, guard, ost)
 
 
-def before_step(guard, ost, optimizer, args, kwargs) -> None:
-    """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``."""
+def before_step(guard, ost, optimizer, args, kwargs):
+    """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``. Returns new
+    ``(args, kwargs)`` for a step with a closure (see ``_check_after_closure``)."""
+    # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
+    if kwargs or len(args) > 1:
+        checked = _check_after_closure(guard, ost, optimizer, args, kwargs)
+        if checked is not None:
+            return checked
     if RELEASED:
         drain_released()
     roots = ost.roots(guard, optimizer)
     seen = ost.seen
+    marks = ost.marks
     # Models with new gradients since this optimizer's previous step (a backward seen,
-    # or a training forward presumed backpropagated), in one pass with the test for the
-    # common step: new gradients only from forwards whose snapshots no step rule has
-    # anything to say about. Then no rule is called at all. (A loop, not a list
-    # comprehension: that is a function call of its own on Python 3.11.)
+    # or a training forward presumed backpropagated whose gradients did move), in one
+    # pass with the test for the common step: new gradients only from forwards whose
+    # snapshots no step rule has anything to say about. Then no rule is called at all.
+    # (A loop, not a list comprehension: that is a function call of its own on 3.11.)
     fresh = []
     quiet = True
+    moved_any = False
     for st in roots:
+        mark = marks.get(st)
+        # Read on every step, so that the next step compares with this one.
+        moved = mark is not None and mark.moved()
+        if moved and st.grads_persist is False:  # elsewhere a version also moves on zero_()
+            moved_any = True
         if seen.get(st) == st.evidence:
             continue
-        fresh.append(st)
         src = st.source
+        if src is st.presumed and mark is not None and not moved:
+            # The training forward presumed backpropagated was not: no gradient of the
+            # model moved since the previous step (a skipped backward: MG602's).
+            seen[st] = st.evidence
+            quiet = False
+            continue
+        fresh.append(st)
         if src is None:
             quiet = False
             continue
@@ -179,17 +198,42 @@ def before_step(guard, ost, optimizer, args, kwargs) -> None:
     if not fresh:
         quiet = False  # a step with no new gradients: MG602's to judge
     if not quiet:
-        # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
-        if args and args[0] is optimizer:
-            args = args[1:]
-        has_closure = (bool(args) and args[0] is not None) or (bool(kwargs) and kwargs.get("closure") is not None)
         for rule in guard.step_rules:
-            rule.on_step(guard, ost, fresh, roots, has_closure)
+            rule.on_step(guard, ost, fresh, roots, moved_any)
     # The step goes ahead (a rule that raises stops it before this point). Marking
-    # here rather than in a post-hook saves a hook call per step; a closure's own
-    # backward (LBFGS) then counts towards the next step, which MG602 skips anyway.
+    # here rather than in a post-hook saves a hook call per step.
     for st in fresh:
         seen[st] = st.evidence
         st.trained = True
     guard.steps += 1
     ACTIVITY[0] += 1
+
+
+def _check_after_closure(guard, ost, optimizer, args, kwargs):
+    """``optimizer.step(closure)`` (LBFGS, and every step under PyTorch Lightning): the
+    closure runs the forward and the backward inside ``step()``, after this hook. So the
+    step is checked when the closure first returns, which is still before the update:
+    a finding can stop it, and a closure that ran no backward is MG602's. Returns the
+    arguments with the closure wrapped, or None when there is no closure."""
+    rest = args[1:] if args and args[0] is optimizer else args
+    if "closure" in kwargs:
+        closure = kwargs["closure"]
+    elif rest:
+        closure = rest[0]
+    else:
+        return None
+    if closure is None:
+        return None
+    checked: list = []
+
+    @functools.wraps(closure)
+    def closure_then_check(*a, **k):
+        out = closure(*a, **k)
+        if not checked:  # LBFGS calls it again within the same step
+            checked.append(True)
+            before_step(guard, ost, optimizer, (optimizer,), {})
+        return out
+
+    if "closure" in kwargs:
+        return args, dict(kwargs, closure=closure_then_check)
+    return (optimizer, closure_then_check, *rest[1:]), kwargs

@@ -26,7 +26,7 @@ class RootState:
     __slots__ = (
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
-        "countdown", "polls_due", "rule_state",
+        "countdown", "grads_persist", "polls_due", "rule_state",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
     )
 
@@ -49,6 +49,9 @@ class RootState:
         self.source = None
         self.trained = False      # a backward or an optimizer step reached this model
         self.countdown = 0        # ordinary forwards left before the next followed one
+        # Whether .grad tensors live on across steps (None: not known yet). Training
+        # forwards are presumed backpropagated only once it is known they do not (GradMark).
+        self.grads_persist = None
         self.polls_due = guard.poll_interval  # steps with new gradients until the rules' next poll
         self.rule_state: dict = {}  # rule code -> that rule's own record for this model
         self.handles: list = []
@@ -102,10 +105,84 @@ class RootState:
         return f"<RootState {self.name}>"
 
 
+class GradMark:
+    """Whether a backward reached a model's parameters since an optimizer's previous
+    step, told at O(1) cost from two of them, with no autograd callback.
+
+    Every backward into a parameter either creates its ``.grad`` (after
+    ``zero_grad(set_to_none=True)``, the default) or adds to it in place, which moves the
+    tensor's ``_version``. So a ``.grad`` that is None, or the same tensor at the same
+    version as at the previous step, got no backward since; a new tensor or a moved
+    version may have (``zero_grad(set_to_none=False)``, clipping and ``GradScaler``'s
+    unscale also move the version: those count as "maybe", never as a finding). Two
+    parameters are read, the first and the last that the optimizer trains, so that a
+    backward through any one head of a model reaches at least one of them (the first
+    layer sits below every head). The gradient tensors are held weakly: holding them
+    would keep a second copy of them alive after ``zero_grad``.
+
+    Only a program whose gradients are replaced at every step (``set_to_none``) lets
+    training forwards be presumed: where a gradient tensor lives on from step to step
+    (``zero_grad(set_to_none=False)``, or no zero_grad at all), a moved version cannot
+    tell a backward from a ``zero_()``. So ``RootState.grads_persist`` starts unknown
+    (None) and every forward is followed into autograd, which is exact; the first step
+    that sees a gradient replaced or cleared makes it False (presume from then on), one
+    that sees it live on makes it True (follow for good, at the cost of one callback per
+    backward for those programs only).
+    """
+
+    __slots__ = ("root", "first", "last", "ref_first", "ver_first", "ref_last", "ver_last")
+
+    def __init__(self, root, first, last):
+        self.root = root
+        self.first, self.last = first, last
+        self.ref_first = self.ref_last = None
+        self.ver_first = self.ver_last = -1
+
+    def moved(self) -> bool:
+        """Did either gradient change since the last call? Records the new state."""
+        g = self.first.grad
+        if g is None:
+            a = False
+            if self.ref_first is not None:
+                self.ref_first = None
+                self._replaced()
+        elif self.ref_first is not None and self.ref_first() is g:
+            v = g._version
+            a = v != self.ver_first
+            self.ver_first = v
+            root = self.root
+            if root.grads_persist is not True:
+                root.grads_persist, root.countdown = True, 0
+        else:
+            a = True
+            if self.ref_first is not None:
+                self._replaced()
+            self.ref_first, self.ver_first = weakref.ref(g), g._version
+        last = self.last
+        if last is self.first:
+            return a
+        g = last.grad
+        if g is None:
+            self.ref_last = None
+            return a
+        if self.ref_last is not None and self.ref_last() is g:
+            v = g._version
+            moved = v != self.ver_last
+            self.ver_last = v
+            return a or moved
+        self.ref_last, self.ver_last = weakref.ref(g), g._version
+        return True
+
+    def _replaced(self) -> None:
+        root = self.root
+        if root.grads_persist is None:
+            root.grads_persist = False
+
+
 class OptimizerState:
     """A watched optimizer: its step hook, and what its previous step saw."""
 
-    __slots__ = ("ref", "handles", "seen", "_roots", "_ngroups", "_nfirst", "_struct", "_version", "__weakref__")
+    __slots__ = ("ref", "handles", "seen", "marks", "_roots", "_ngroups", "_nfirst", "_struct", "_version", "__weakref__")
 
     def __init__(self, optimizer):
         self.ref = weakref.ref(optimizer)
@@ -113,6 +190,8 @@ class OptimizerState:
         # RootState -> its ``evidence`` at this optimizer's previous step. A plain dict
         # (pruned with the roots): RootStates hold their models only weakly.
         self.seen: dict = {}
+        # RootState -> GradMark over the parameters of that model this optimizer trains.
+        self.marks: dict = {}
         self._roots: list = []
         self._ngroups = self._nfirst = self._struct = self._version = -1
 
@@ -130,6 +209,15 @@ class OptimizerState:
             self._ngroups, self._nfirst = len(groups), nfirst
             self._struct, self._version = STRUCTURE_EPOCH[0], guard.roots_version
             self.seen = {st: n for st, n in self.seen.items() if st in self._roots}
+            marks = {}
+            for st in self._roots:
+                trained = [p for g in groups for p in g["params"] if id(p) in st.param_ids and p.requires_grad]
+                old = self.marks.get(st)
+                if old is not None and trained and old.first is trained[0] and old.last is trained[-1]:
+                    marks[st] = old
+                elif trained:
+                    marks[st] = GradMark(st, trained[0], trained[-1])
+            self.marks = marks
             for st in self._roots:
                 # A pair first seen now (optimizer watched after backwards, or found at its
                 # first step in automatic mode): give the latest backward to this step.
@@ -141,4 +229,5 @@ class OptimizerState:
             h.remove()
         self.handles = []
         self.seen.clear()
+        self.marks.clear()
         self._roots = []

@@ -66,10 +66,10 @@ def test_a_branch_that_skips_backward_fires_once_with_a_count():
 
 
 @pytest.mark.parametrize("period", [2, 3, 8, 16])
-def test_by_default_a_recurring_skip_is_caught_on_a_sampled_step(period):
-    # Ordinary training forwards are presumed backpropagated and only a random sample is
-    # followed, so a skipped backward is caught on some of its occurrences, whatever the
-    # period of the skip (a fixed sampling stride could alias with it).
+def test_by_default_every_skipped_backward_is_caught(period):
+    # Ordinary training forwards are presumed backpropagated, and the step checks the
+    # presumption against the gradients themselves: every skip is caught, whatever its
+    # period, with no sampling.
     model = MLP()
     opt = sgd(model)
     skips = 0
@@ -84,7 +84,74 @@ def test_by_default_a_recurring_skip_is_caught_on_a_sampled_step(period):
             opt.step()
         found = codes(guard)
     assert len(found) == 1
-    assert 1 <= found[0].count < skips
+    assert found[0].count == skips
+
+
+def _skip_loop(model, opt, steps=6, skip=(1, 3, 5), zero_grad=True, set_to_none=True, clip=False):
+    """Six steps, three of them with the backward skipped (a non-finite loss, say)."""
+    for step in range(steps):
+        if zero_grad:
+            opt.zero_grad(set_to_none=set_to_none)
+        loss = _loss(model, seed=step)
+        if step not in skip:
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+@pytest.mark.parametrize("zero_grad, set_to_none", [(True, True), (True, False), (False, True)])
+def test_three_skips_in_six_steps_are_three_findings(zero_grad, set_to_none):
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _skip_loop(model, opt, zero_grad=zero_grad, set_to_none=set_to_none)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].count == 3
+
+
+def test_three_skips_are_found_in_automatic_mode_too():
+    from modeguard import _auto as auto
+
+    model = MLP()
+    opt = sgd(model)
+    guard = auto.start(on_violation="record")
+    try:
+        _skip_loop(model, opt)
+    finally:
+        auto.stop()
+    found = codes(guard)
+    assert len(found) == 1 and found[0].count == 3
+
+
+def test_a_closure_that_runs_no_backward_is_caught_before_the_update():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        return _loss(model)  # the backward forgotten
+
+    with modeguard.watch(model, opt, on_violation="raise"):
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(modeguard.StepWithoutBackwardError):
+            opt.step(closure)
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_a_closure_step_is_checked_at_the_users_step_line():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        return _loss(model)
+
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        line = here() + 1
+        opt.step(closure=closure)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].location.line == line and found[0].location.file == __file__
 
 
 def test_step_twice_is_caught_on_every_occurrence_whatever_the_sampling():
@@ -145,6 +212,58 @@ def test_a_backward_into_another_model_does_not_count():
 
 
 # ---- stays quiet -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_quiet_for_ordinary_steps_whatever_zero_grad_does(set_to_none):
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _skip_loop(model, opt, steps=8, skip=(), set_to_none=set_to_none)
+        _skip_loop(model, opt, steps=4, skip=(), zero_grad=False)  # accumulating forever
+        assert guard.violations == []
+
+
+def test_quiet_with_gradient_clipping_and_a_grad_scaler():
+    model = MLP()
+    opt = sgd(model)
+    scaler = torch.amp.GradScaler("cpu")
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _skip_loop(model, opt, steps=4, skip=(), clip=True)
+        for step in range(4):
+            opt.zero_grad()
+            scaler.scale(_loss(model, seed=step)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        assert guard.violations == []
+
+
+def test_quiet_for_a_model_whose_last_parameters_a_forward_does_not_use():
+    class WithSpareHead(MLP):
+        def __init__(self):
+            super().__init__()
+            self.spare = torch.nn.Linear(3, 3)  # registered last, used by no forward
+
+    model = WithSpareHead()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        _skip_loop(model, opt, steps=5, skip=())
+        assert guard.violations == []
+
+
+def test_quiet_for_accumulation_whose_last_micro_batch_skips_its_backward():
+    # A backward reached the parameters since the previous step: the step is not empty.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(3):
+            opt.zero_grad()
+            _loss(model, seed=step).backward()
+            _loss(model, seed=step + 10)  # skipped (non-finite, say)
+            opt.step()
+        assert guard.violations == []
 
 
 def test_quiet_for_gradient_accumulation():

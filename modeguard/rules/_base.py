@@ -67,11 +67,13 @@ class Rule:
         its rules ask for."""
         return self.poll_interval
 
-    def on_step(self, guard, opt_state, fresh, roots, has_closure: bool) -> None:
-        """Before ``optimizer.step()`` of a watched optimizer. ``roots`` are the watched
-        models whose parameters it updates, ``fresh`` those of them with new gradients
-        since this optimizer's previous step (each one's ``source`` is the forward the
-        gradients came from)."""
+    def on_step(self, guard, opt_state, fresh, roots, backward_seen: bool) -> None:
+        """Before ``optimizer.step()`` of a watched optimizer (for ``step(closure)``:
+        when the closure first returns, still before the update). ``roots`` are the
+        watched models whose parameters it updates, ``fresh`` those of them with new
+        gradients since this optimizer's previous step (each one's ``source`` is the
+        forward the gradients came from); ``backward_seen`` says whether the gradients of
+        any of ``roots`` moved since then (see ``_state.GradMark``)."""
 
     # Documentation, generated.
     def explain(self) -> str:

@@ -45,7 +45,7 @@ class FrozenBNDrift(Rule):
             snapshot.step_quiet = guard.step_quiet(snapshot)
         return max(REFRESH_EVERY, len(snapshot.train_bn))
 
-    def on_step(self, guard, opt_state, fresh, roots, has_closure):
+    def on_step(self, guard, opt_state, fresh, roots, backward_seen):
         for st in fresh:
             rec = st.source
             if rec is None:

@@ -30,7 +30,7 @@ class StepInEval(Rule):
     def step_quiet(self, snapshot):
         return snapshot.plain_train
 
-    def on_step(self, guard, opt_state, fresh, roots, has_closure):
+    def on_step(self, guard, opt_state, fresh, roots, backward_seen):
         for st in fresh:
             rec = st.source
             if rec is None or rec.snapshot.plain_train:
