@@ -101,12 +101,6 @@ def warm_torch():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     F.mse_loss(model(torch.zeros(1, 2)), torch.zeros(1, 2)).backward()
     opt.step()
-    # The generated tests use tiny tensors, for which one thread is many times faster
-    # than several competing for a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
