@@ -142,6 +142,24 @@ class NormEvalNet(FineTuneNet):
         return self
 
 
+class DropoutHeadNet(nn.Module):
+    """A ``backbone`` and a trained ``head`` with a Dropout between two Linears
+    (``head.1``): freezing the backbone leaves a mode-sensitive module outside the frozen
+    part, whose input still requires grad."""
+
+    def __init__(self, features: int = IN_FEATURES, hidden: int = 16, classes: int = N_CLASSES, p: float = 0.5):
+        super().__init__()
+        self.backbone = Backbone(features, hidden)
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Dropout(p), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def freeze_backbone(self) -> "DropoutHeadNet":
+        self.backbone.requires_grad_(False)
+        return self
+
+
 class MCDropoutNet(nn.Module):
     """A model used for Monte-Carlo dropout: BatchNorm plus two Dropouts."""
 
