@@ -32,3 +32,23 @@ def isolated(monkeypatch):
     """A seeded test with no MODEGUARD override."""
     monkeypatch.delenv("MODEGUARD", raising=False)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def epochs(monkeypatch):
+    """modes.MODE_EPOCH, STRUCTURE_EPOCH and the listeners put back as they were."""
+    monkeypatch.setattr(modes, "ON_EPOCH", dict(modes.ON_EPOCH))
+    saved = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
+    yield
+    modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0] = saved
+
+
+@pytest.fixture
+def mode_patches(epochs):
+    """modeguard's patches on nn.Module for the test, as while a guard watches, and no
+    guard: mode changes are recorded (modes.last_set) and move the epochs."""
+    modes.PATCHES.acquire()
+    try:
+        yield
+    finally:
+        modes.PATCHES.release()

@@ -22,25 +22,6 @@ def here() -> int:
     return inspect.currentframe().f_back.f_lineno
 
 
-@pytest.fixture
-def epochs(monkeypatch):
-    """Both epochs put back as they were, and ON_EPOCH too, when the test ends."""
-    monkeypatch.setattr(modes, "ON_EPOCH", dict(modes.ON_EPOCH))
-    saved = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
-    yield
-    modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0] = saved
-
-
-@pytest.fixture
-def patched(epochs):
-    """The mode patches installed (as by a guard) for the test, removed after it."""
-    modes.PATCHES.acquire()
-    try:
-        yield
-    finally:
-        modes.PATCHES.release()
-
-
 class Listener:
     """The least a listener needs: an arm_roots() method."""
 
@@ -124,7 +105,7 @@ def test_is_patched_follows_acquire_and_release(epochs):
     assert nn.Module.__dict__["train"] is train
 
 
-def test_eval_records_one_site_for_every_module_it_changed(patched):
+def test_eval_records_one_site_for_every_module_it_changed(mode_patches):
     model = MLP()
     line = here() + 1
     model.eval()
@@ -133,7 +114,7 @@ def test_eval_records_one_site_for_every_module_it_changed(patched):
     assert all(modes.last_set(m) is site for m in model.modules())
 
 
-def test_train_names_the_outermost_call_and_the_users_line(patched):
+def test_train_names_the_outermost_call_and_the_users_line(mode_patches):
     model = MLP().eval()
     line = here() + 1
     model.train()
@@ -147,7 +128,7 @@ def test_train_names_the_outermost_call_and_the_users_line(patched):
     assert modes.last_set(model.drop) is site  # modules the call did not change keep theirs
 
 
-def test_train_with_mode_as_keyword_and_through_the_class(patched):
+def test_train_with_mode_as_keyword_and_through_the_class(mode_patches):
     model = MLP()
     model.train(mode=False)
     assert modes.last_set(model.bn).how == "MLP.eval()" and not model.bn.training
@@ -155,7 +136,7 @@ def test_train_with_mode_as_keyword_and_through_the_class(patched):
     assert modes.last_set(model.bn).how == "MLP.train()" and model.bn.training
 
 
-def test_a_call_that_changes_nothing_keeps_the_earlier_site_and_epoch(patched):
+def test_a_call_that_changes_nothing_keeps_the_earlier_site_and_epoch(mode_patches):
     model = MLP()
     model.eval()
     site, epoch = modes.last_set(model.bn), modes.MODE_EPOCH[0]
@@ -165,7 +146,7 @@ def test_a_call_that_changes_nothing_keeps_the_earlier_site_and_epoch(patched):
     assert modes.MODE_EPOCH[0] == epoch
 
 
-def test_direct_assignment_is_recorded_as_an_assignment(patched):
+def test_direct_assignment_is_recorded_as_an_assignment(mode_patches):
     model = MLP()
     line = here() + 1
     model.drop.training = False
@@ -175,7 +156,7 @@ def test_direct_assignment_is_recorded_as_an_assignment(patched):
     assert modes.last_set(model.bn) is None
 
 
-def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_override(patched):
+def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_override(mode_patches):
     model = NormEvalNet().eval()
     line = here() + 1
     model.train()
@@ -187,7 +168,7 @@ def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_overrid
     assert modes.last_set(model.backbone.drop) is root
 
 
-def test_an_override_that_passes_its_arguments_on_is_the_users_own_call(patched):
+def test_an_override_that_passes_its_arguments_on_is_the_users_own_call(mode_patches):
     model = Passthrough()
     line = here() + 1
     model.eval()  # eval() -> Passthrough.train(False) -> nn.Module.train
@@ -198,7 +179,7 @@ def test_an_override_that_passes_its_arguments_on_is_the_users_own_call(patched)
     assert site.location.function == "test_an_override_that_passes_its_arguments_on_is_the_users_own_call"
 
 
-def test_the_site_table_does_not_keep_modules_alive(patched):
+def test_the_site_table_does_not_keep_modules_alive(mode_patches):
     model = MLP()
     model.eval()
     ref = weakref.ref(model.bn)
@@ -207,7 +188,7 @@ def test_the_site_table_does_not_keep_modules_alive(patched):
     assert ref() is None
 
 
-def test_a_module_that_cannot_be_keyed_still_changes_mode_and_moves_the_epoch(patched):
+def test_a_module_that_cannot_be_keyed_still_changes_mode_and_moves_the_epoch(mode_patches):
     module = Unhashable()
     epoch = modes.MODE_EPOCH[0]
     module.eval()
@@ -228,7 +209,7 @@ def test_installing_moves_both_epochs(epochs):
         modes.PATCHES.release()
 
 
-def test_mode_epoch_moves_on_every_real_mode_change(patched):
+def test_mode_epoch_moves_on_every_real_mode_change(mode_patches):
     model = MLP()
     start, structure = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
     model.eval()  # five modules change
@@ -240,7 +221,7 @@ def test_mode_epoch_moves_on_every_real_mode_change(patched):
     assert modes.STRUCTURE_EPOCH[0] == structure  # modes are not structure
 
 
-def test_structure_epoch_moves_when_modules_or_parameters_are_registered(patched):
+def test_structure_epoch_moves_when_modules_or_parameters_are_registered(mode_patches):
     model = MLP()
     start, mode = modes.STRUCTURE_EPOCH[0], modes.MODE_EPOCH[0]
     model.head = nn.Identity()
@@ -261,7 +242,7 @@ def test_structure_hooks_are_removed_with_the_patches(epochs):
 # ---- listeners -----------------------------------------------------------------------------
 
 
-def test_a_listener_is_armed_after_mode_and_structure_changes(patched):
+def test_a_listener_is_armed_after_mode_and_structure_changes(mode_patches):
     listener = Listener()
     model = MLP()
     modes.listen(listener)
@@ -290,7 +271,7 @@ def test_unlisten_twice_or_unknown_is_harmless(epochs):
     assert id(listener) not in modes.ON_EPOCH
 
 
-def test_listeners_are_held_weakly(patched):
+def test_listeners_are_held_weakly(mode_patches):
     listener, other, model = Listener(), Listener(), MLP()
     modes.listen(listener)
     modes.listen(other)
