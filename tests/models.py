@@ -43,6 +43,22 @@ class MLP(nn.Module):
         return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
 
 
+class Passthrough(MLP):
+    """A ``train()`` override that only passes its arguments on: the user's own
+    ``eval()``/``train()``, not an intentional override like ``NormEvalNet``'s."""
+
+    def train(self, *args, **kwargs):
+        return super().train(*args, **kwargs)
+
+
+class OwnGetstate(MLP):
+    """A ``__getstate__`` that does not call nn.Module's (as nn.LSTM's does not), so
+    copies and pickles bypass a wrapper on ``nn.Module.__getstate__``."""
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+
 class SmallCNN(nn.Module):
     """Conv -> BatchNorm2d -> ReLU -> pool -> Linear."""
 

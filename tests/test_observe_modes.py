@@ -12,7 +12,7 @@ import torch.nn as nn
 from modeguard._frames import Location
 from modeguard.observe import modes, pickling
 from modeguard.observe.modes import ModeSite
-from models import MLP, NormEvalNet
+from models import MLP, NormEvalNet, Passthrough
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -30,13 +30,6 @@ class Listener:
 
     def arm_roots(self):
         self.calls += 1
-
-
-class Passthrough(MLP):
-    """A train() override that only passes its arguments on."""
-
-    def train(self, *args, **kwargs):
-        return super().train(*args, **kwargs)
 
 
 class Unhashable(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modeguard.observe import pickling
-from models import MLP, batch
+from models import MLP, OwnGetstate, batch
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -26,13 +26,6 @@ def users_hook(module, args, kwargs, output):
 def ours():
     """A hook function marked as modeguard's: a closure, which pickle could not save."""
     return pickling.mark(lambda *args: None)
-
-
-class OwnGetstate(MLP):
-    """A __getstate__ that does not call nn.Module's (as nn.LSTM's does not)."""
-
-    def __getstate__(self):
-        return dict(self.__dict__)
 
 
 def _hooked(model):
