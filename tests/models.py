@@ -7,12 +7,25 @@ Other test files import from it, so names and constructor signatures stay stable
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 IN_FEATURES = 8
 N_CLASSES = 3
+
+
+#: Structures a forward may return its prediction in, besides plain tensors and dicts.
+Pair = collections.namedtuple("Pair", "logits aux")
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    extra: int = 0
 
 
 def batch(n: int = 16, features: int = IN_FEATURES, seed: int = 0) -> torch.Tensor:

@@ -2,8 +2,6 @@
 backward through any of them marks the forward's record used (once); a graph freed
 without a backward puts its record on RELEASED, and a used one does not."""
 
-import collections
-import dataclasses
 import gc
 
 import pytest
@@ -11,18 +9,9 @@ import torch
 
 from modeguard.observe import graph
 from modeguard.observe.graph import ForwardRecord, PresumedForward, attach, output_grad_fns
-from models import MLP, batch
+from models import MLP, Output, Pair, batch
 
 pytestmark = pytest.mark.usefixtures("isolated")
-
-Pair = collections.namedtuple("Pair", "logits aux")
-
-
-@dataclasses.dataclass
-class Output:
-    logits: torch.Tensor
-    extra: int = 0
-
 
 @pytest.fixture
 def released():
