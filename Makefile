@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-instructions install clean
+.PHONY: demo test bench-test bench bench-instructions install clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The tests marked `bench` (one real callgrind measurement; about a minute), which
+# `make test` leaves out. Skipped where valgrind is not installed.
+bench-test: $(STAMP)
+	$(PY) -m pytest -q -m bench
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -7,12 +7,25 @@ Other test files import from it, so names and constructor signatures stay stable
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 IN_FEATURES = 8
 N_CLASSES = 3
+
+
+#: Structures a forward may return its prediction in, besides plain tensors and dicts.
+Pair = collections.namedtuple("Pair", "logits aux")
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    extra: int = 0
 
 
 def batch(n: int = 16, features: int = IN_FEATURES, seed: int = 0) -> torch.Tensor:
@@ -41,6 +54,22 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+
+
+class Passthrough(MLP):
+    """A ``train()`` override that only passes its arguments on: the user's own
+    ``eval()``/``train()``, not an intentional override like ``NormEvalNet``'s."""
+
+    def train(self, *args, **kwargs):
+        return super().train(*args, **kwargs)
+
+
+class OwnGetstate(MLP):
+    """A ``__getstate__`` that does not call nn.Module's (as nn.LSTM's does not), so
+    copies and pickles bypass a wrapper on ``nn.Module.__getstate__``."""
+
+    def __getstate__(self):
+        return dict(self.__dict__)
 
 
 class SmallCNN(nn.Module):
@@ -139,6 +168,24 @@ class NormEvalNet(FineTuneNet):
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        return self
+
+
+class DropoutHeadNet(nn.Module):
+    """A ``backbone`` and a trained ``head`` with a Dropout between two Linears
+    (``head.1``): freezing the backbone leaves a mode-sensitive module outside the frozen
+    part, whose input still requires grad."""
+
+    def __init__(self, features: int = IN_FEATURES, hidden: int = 16, classes: int = N_CLASSES, p: float = 0.5):
+        super().__init__()
+        self.backbone = Backbone(features, hidden)
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Dropout(p), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def freeze_backbone(self) -> "DropoutHeadNet":
+        self.backbone.requires_grad_(False)
         return self
 
 

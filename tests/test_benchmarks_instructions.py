@@ -1,6 +1,7 @@
 """The callgrind instruction counts (``python -m benchmarks.instructions``): reading the
 dumps, the medians and ranges over hash seeds, the target check, bad arguments, and one
-real measurement under valgrind where valgrind is installed."""
+real measurement under valgrind where valgrind is installed. That one takes longer than
+the rest of the suite together: it is marked ``bench`` and runs in ``make bench-test``."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def test_bad_arguments_are_refused_with_what_was_expected(argv, message, capsys)
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("vgdb") is None,
                     reason="valgrind (with vgdb) is not installed")
 def test_a_real_measurement_under_callgrind(tmp_path):

@@ -31,15 +31,6 @@ from benchmarks.workloads import MLP, deep_stack
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: torch's thread pool only adds contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _Counter:
     """Counts tree walks rooted at ``model`` and snapshot builds anywhere."""
 

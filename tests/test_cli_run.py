@@ -35,7 +35,7 @@ def _line_of(path, marker):
 
 
 def _subprocess(*args, cwd=None):
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread, as in the suite (conftest.py)
     env.pop("MODEGUARD", None)
     env.pop("FORCE_COLOR", None)
     return subprocess.run(

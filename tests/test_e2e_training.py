@@ -9,73 +9,17 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
-from modeguard.observe import modes
+from models import MLP, Discriminator, FineTuneNet, Generator, batch
 
-FEATURES, CLASSES = 8, 3
-
-
-class Classifier(nn.Module):
-    def __init__(self, hidden=16):
-        super().__init__()
-        self.fc1 = nn.Linear(FEATURES, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
-        self.drop = nn.Dropout(0.3)
-        self.fc2 = nn.Linear(hidden, CLASSES)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
-
-
-class Backbone(nn.Module):
-    def __init__(self, hidden=16):
-        super().__init__()
-        self.fc = nn.Linear(FEATURES, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
-        self.drop = nn.Dropout(0.2)
-
-    def forward(self, x):
-        return self.drop(F.relu(self.bn(self.fc(x))))
-
-
-class FineTune(nn.Module):
-    def __init__(self, hidden=16):
-        super().__init__()
-        self.backbone = Backbone(hidden)
-        self.fc = nn.Linear(hidden, CLASSES)
-
-    def forward(self, x):
-        return self.fc(self.backbone(x))
-
-
-class Generator(nn.Module):
-    def __init__(self, latent=4):
-        super().__init__()
-        self.fc1 = nn.Linear(latent, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.fc2 = nn.Linear(16, FEATURES)
-
-    def forward(self, z):
-        return self.fc2(F.relu(self.bn(self.fc1(z))))
-
-
-class Discriminator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(FEATURES, 16)
-        self.drop = nn.Dropout(0.3)
-        self.fc2 = nn.Linear(16, 1)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.leaky_relu(self.fc1(x), 0.2)))
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def make_data(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, FEATURES, generator=g)
+    """Inputs, and labels that depend on them (there is something to learn)."""
+    x = batch(n, seed=seed)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
     return x, y
 
@@ -90,13 +34,10 @@ def codes(guard):
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    monkeypatch.delenv("MODEGUARD", raising=False)
-    torch.manual_seed(0)
+def _no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # record mode: nothing may be warned
         yield
-    assert not modes.is_patched()
 
 
 # ---- the validate-inside-the-loop bug ------------------------------------------------------------
@@ -108,7 +49,7 @@ def _classification_run(validate, fix_train_mode, epochs=3, amp=None, overflow_a
     names steps whose gradients are made infinite, so that the scaler skips them."""
     x, y = make_data()
     xv, yv = make_data(48, seed=1)
-    model = Classifier()
+    model = MLP(p=0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if amp is None:
         autocast = contextlib.nullcontext
@@ -162,7 +103,7 @@ def test_validate_inside_loop_without_train_is_step_in_eval():
     (v,) = guard.violations
     assert v.severity is modeguard.Severity.ERROR
     assert v.location.function == "_classification_run"
-    assert v.mode_set_at.how == "Classifier.eval()"
+    assert v.mode_set_at.how == "MLP.eval()"
     assert v.mode_set_at.location.function == "_validate_no_grad"
     assert v.first_step == 6  # the first step of the second epoch
     assert v.count == 12  # every step of epochs 2 and 3, reported once
@@ -192,7 +133,7 @@ def test_validate_that_forgets_eval_is_eval_in_train_mode():
 
 def test_validate_bug_raises_before_the_bad_update():
     x, y = make_data()
-    model = Classifier()
+    model = MLP(p=0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = 0
     with modeguard.watch(model, opt, on_violation="raise"):
@@ -212,7 +153,7 @@ def test_validate_bug_raises_before_the_bad_update():
 
 def _fine_tune(keep_backbone_in_eval, freeze_params=True, optimise_backbone=False, epochs=2, pattern="train-then-eval"):
     x, y = make_data()
-    model = FineTune()
+    model = FineTuneNet()
     if freeze_params:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -331,7 +272,7 @@ def test_gan_sampling_without_eval_is_reported():
 
 def test_ema_teacher_made_with_deepcopy_is_silent():
     x, y = make_data()
-    student = Classifier()
+    student = MLP(p=0.3)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     decay = 0.9
     with modeguard.watch(student, opt, on_violation="record") as guard:
@@ -368,7 +309,7 @@ def test_ema_teacher_made_with_deepcopy_is_silent():
 
 def test_ema_teacher_evaluated_in_train_mode_is_reported():
     x, _ = make_data()
-    student = Classifier()
+    student = MLP(p=0.3)
     teacher = copy.deepcopy(student).requires_grad_(False)
     with modeguard.watch(teacher, on_violation="record") as guard:
         with torch.no_grad():
@@ -382,7 +323,7 @@ def test_ema_teacher_evaluated_in_train_mode_is_reported():
 
 def _accumulate(accum, steps_per_update):
     x, y = make_data()
-    model = Classifier()
+    model = MLP(p=0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with modeguard.watch(model, opt, on_violation="record") as guard:
         model.train()
@@ -409,7 +350,7 @@ def test_step_twice_per_update_is_step_without_backward():
 
 def test_closure_optimizer_is_silent():
     x, y = make_data()
-    model = Classifier()
+    model = MLP(p=0.3)
     opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
     with modeguard.watch(model, opt, on_violation="record") as guard:
         for xb, yb in batches(x, y, size=48):
@@ -426,7 +367,7 @@ def test_swa_averaged_model_and_update_bn_are_silent():
     from torch.optim.swa_utils import AveragedModel, update_bn
 
     x, y = make_data()
-    model = Classifier()
+    model = MLP(p=0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with modeguard.watch(model, opt, on_violation="record") as guard:
         swa = AveragedModel(model)  # deep-copies the watched model

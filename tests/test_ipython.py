@@ -12,7 +12,6 @@ import sys
 import warnings
 
 import pytest
-import torch.nn as nn
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -21,6 +20,7 @@ from traitlets.config import Config
 import modeguard
 from modeguard import _auto as auto
 from modeguard.observe import modes
+from models import MLP
 
 SETUP = """
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -173,7 +173,7 @@ def test_modes_magic_errors_name_the_problem(shell):
 def test_mode_map_works_while_paused(shell):
     load(shell)
     run(shell, "%modeguard off")
-    shell.user_ns["other"] = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval()
+    shell.user_ns["other"] = MLP().eval()
     stdout, displays = run(shell, "%modeguard modes other")
     assert "BatchNorm1d" in displays[0]["text/plain"]
 

@@ -7,87 +7,38 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from rich.console import Console
 
 import modeguard
 from modeguard import ModeSite, Severity
 from modeguard.observe import modes
 from modeguard.report import SCHEMA_VERSION
+from models import MLP, NormEvalNet, batch
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 8)
-        self.bn = nn.BatchNorm1d(8)
-        self.drop = nn.Dropout(0.2)
-        self.out = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.out(self.drop(self.bn(self.fc(x))))
-
-
-class Backbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Linear(4, 8)
-        self.bn = nn.BatchNorm1d(8)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
-
-
-class NormEval(nn.Module):
-    """mmdetection's norm_eval: the model's own train() keeps the backbone BN in eval."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = Backbone()
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-    def train(self, mode=True):
-        super().train(mode)
-        if mode:
-            self.backbone.bn.eval()
-        return self
-
-
-def _x():
-    return torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    monkeypatch.delenv("MODEGUARD", raising=False)
-    yield
-    assert not modes.is_patched()
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.fixture
 def buggy_guard():
     """A guard that saw MG101 (twice, one place) and MG401 (once), with the lines noted."""
     torch.manual_seed(0)
-    model = Net()
+    model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = modeguard.watch(model, opt, on_violation="record")
     lines = {}
     for _ in range(2):
         opt.zero_grad()
-        model(_x()).sum().backward()
+        model(batch(6)).sum().backward()
         opt.step()
     lines["eval"] = inspect.currentframe().f_lineno + 1
     model.eval()
     for _ in range(2):
         opt.zero_grad()
-        model(_x()).sum().backward()
+        model(batch(6)).sum().backward()
         lines["step"] = inspect.currentframe().f_lineno + 1
         opt.step()
     lines["unused"] = inspect.currentframe().f_lineno + 1
-    model(_x())
+    model(batch(6))
     try:
         yield guard, model, lines
     finally:
@@ -105,11 +56,11 @@ def test_violation_fields(buggy_guard):
     assert isinstance(v, modeguard.Violation)
     assert v.name == "step-in-eval"
     assert v.severity is Severity.ERROR
-    assert v.model == "Net"
+    assert v.model == "MLP"
     assert set(v.modules) == {"bn", "drop"}
     assert (v.location.file, v.location.line) == (__file__, lines["step"])
     assert v.location.function == "buggy_guard"
-    assert v.mode_set_at.how == "Net.eval()" and v.mode_set_at.training is False
+    assert v.mode_set_at.how == "MLP.eval()" and v.mode_set_at.training is False
     assert v.mode_set_at.location.line == lines["eval"]
     assert v.count == 2
     assert v.first_step == 2  # two good steps ran before it
@@ -157,7 +108,7 @@ def test_report_plain_text(buggy_guard):
     text = str(report)
     assert "\x1b[" not in text  # no colour codes in plain text
     for needle in ("MG101 step-in-eval", "MG401 eval-graph-unused", "error", "info",
-                   f"test_report.py:{lines['step']}", f"test_report.py:{lines['unused']}", "Net.eval()"):
+                   f"test_report.py:{lines['step']}", f"test_report.py:{lines['unused']}", "MLP.eval()"):
         assert needle in text, needle
     assert repr(report) == "<modeguard Report: 1 error, 0 warning, 1 info>"
     assert report.counts() == {"error": 1, "warning": 0, "info": 1}
@@ -165,9 +116,9 @@ def test_report_plain_text(buggy_guard):
 
 
 def test_empty_report():
-    model = Net()
+    model = MLP()
     with modeguard.watch(model, on_violation="record") as guard:
-        model(_x())
+        model(batch(6))
         report = guard.report()
     assert len(report) == 0
     assert report.worst() is None
@@ -206,7 +157,7 @@ def test_report_json_round_trip(buggy_guard):
     assert set(v) == {"code", "name", "severity", "message", "model", "modules", "location", "mode_set_at", "count", "first_step"}
     assert v["code"] == "MG101" and v["severity"] == "error" and v["count"] == 2
     assert v["location"] == {"file": __file__, "line": lines["step"], "function": "buggy_guard"}
-    assert v["mode_set_at"]["how"] == "Net.eval()"
+    assert v["mode_set_at"]["how"] == "MLP.eval()"
     assert v["mode_set_at"]["training"] is False
     assert v["mode_set_at"]["location"]["line"] == lines["eval"]
     assert v["message"] == guard.violations[0].message
@@ -224,30 +175,30 @@ def test_report_to_dict_extra_keys(buggy_guard):
 
 
 def test_mode_map_rows():
-    model = NormEval()
+    model = NormEvalNet()
     with modeguard.watch(model, on_violation="record", frozen=["backbone.*"]) as guard:
         model.eval()
         model.train()
-        model.head.weight.requires_grad_(False)
+        model.fc.weight.requires_grad_(False)
         mm = guard.mode_map()
     rows = {r["name"]: r for r in mm.to_dict()["modules"]}
-    assert mm.to_dict()["model"] == "NormEval"
-    assert list(rows) == ["", "backbone", "backbone.conv", "backbone.bn", "head"]
+    assert mm.to_dict()["model"] == "NormEvalNet"
+    assert list(rows) == ["", "backbone", "backbone.fc", "backbone.bn", "backbone.drop", "fc"]
     bn = rows["backbone.bn"]
     assert bn["type"] == "BatchNorm1d"
     assert bn["training"] is False
     assert bn["sensitive"] == "batchnorm"
     assert bn["frozen"] is True  # by the "backbone.*" pattern
-    assert "override" in bn["mode_set_at"] and "NormEval" in bn["mode_set_at"]
-    head = rows["head"]
+    assert "override" in bn["mode_set_at"] and "NormEvalNet" in bn["mode_set_at"]
+    head = rows["fc"]
     assert head["training"] is True and head["sensitive"] is None
     assert head["frozen"] is False  # its bias still trains
-    assert "NormEval.train()" in head["mode_set_at"]
-    assert rows["backbone.conv"]["frozen"] is True
+    assert "NormEvalNet.train()" in head["mode_set_at"]
+    assert rows["backbone.fc"]["frozen"] is True
 
 
 def test_mode_map_frozen_by_own_parameters_and_text():
-    model = Net()
+    model = MLP()
     for p in model.bn.parameters():
         p.requires_grad_(False)
     with modeguard.watch(model, on_violation="record") as guard:
@@ -257,14 +208,14 @@ def test_mode_map_frozen_by_own_parameters_and_text():
         mm = guard.mode_map()
         assert guard.mode_map(model).to_dict() == mm.to_dict()
     rows = {r["name"]: r for r in mm.rows}
-    assert rows["bn"]["frozen"] is True and rows["fc"]["frozen"] is False
+    assert rows["bn"]["frozen"] is True and rows["fc1"]["frozen"] is False
     assert rows["drop"]["training"] is True
     assert rows["drop"]["mode_set_at"] == f"`.training = True` assigned directly at {__file__}:{line} in test_mode_map_frozen_by_own_parameters_and_text()"
     text = str(mm)
-    assert text.splitlines()[0].startswith("Net (Net) eval")
+    assert text.splitlines()[0].startswith("MLP (MLP) eval")
     assert "bn (BatchNorm1d) eval sensitive:batchnorm frozen" in text
     assert "drop (Dropout) train sensitive:dropout" in text
-    assert "<modeguard ModeMap of Net: 5 modules>" == repr(mm)
+    assert "<modeguard ModeMap of MLP: 5 modules>" == repr(mm)
     assert "BatchNorm1d" in mm._repr_html_()
 
 
@@ -281,21 +232,21 @@ def test_mode_map_needs_a_live_model():
 
 
 def test_mode_site_for_train_and_eval():
-    model = Net()
+    model = MLP()
     with modeguard.watch(model, on_violation="record"):
         line = inspect.currentframe().f_lineno + 1
         model.eval()
         site = modes.last_set(model.bn)
         assert isinstance(site, ModeSite)
-        assert site == modes.last_set(model) == modes.last_set(model.fc)  # one site per call
-        assert (site.training, site.how, site.by) == (False, "Net.eval()", None)
+        assert site == modes.last_set(model) == modes.last_set(model.fc1)  # one site per call
+        assert (site.training, site.how, site.by) == (False, "MLP.eval()", None)
         assert (site.location.file, site.location.line) == (__file__, line)
-        assert site.describe() == f"Net.eval() at {__file__}:{line} in test_mode_site_for_train_and_eval()"
+        assert site.describe() == f"MLP.eval() at {__file__}:{line} in test_mode_site_for_train_and_eval()"
         line = inspect.currentframe().f_lineno + 1
         model.bn.train()
         site = modes.last_set(model.bn)
         assert (site.training, site.how, site.location.line) == (True, "BatchNorm1d.train()", line)
-        assert modes.last_set(model).how == "Net.eval()"  # untouched modules keep theirs
+        assert modes.last_set(model).how == "MLP.eval()"  # untouched modules keep theirs
         assert site.to_dict() == {
             "training": True, "how": "BatchNorm1d.train()", "by": None,
             "location": {"file": __file__, "line": line, "function": "test_mode_site_for_train_and_eval"},
@@ -303,13 +254,13 @@ def test_mode_site_for_train_and_eval():
 
 
 def test_mode_site_for_assignment_reported_in_violation():
-    model = Net()
+    model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with modeguard.watch(model, opt, on_violation="record") as guard:
         line = inspect.currentframe().f_lineno + 1
         model.bn.training = False
         opt.zero_grad()
-        model(_x()).sum().backward()
+        model(batch(6)).sum().backward()
         opt.step()
         (v,) = guard.violations
         assert v.code == "MG101" and v.modules == ["bn"]
@@ -320,20 +271,20 @@ def test_mode_site_for_assignment_reported_in_violation():
 
 
 def test_mode_site_for_override():
-    model = NormEval()
+    model = NormEvalNet()
     with modeguard.watch(model, on_violation="record"):
         model.eval()  # sites are recorded on changes: a fresh model is already in train
         line = inspect.currentframe().f_lineno + 1
         model.train()
         site = modes.last_set(model.backbone.bn)
-        assert (site.how, site.by, site.training) == ("override", "NormEval", False)
+        assert (site.how, site.by, site.training) == ("override", "NormEvalNet", False)
         assert (site.location.file, site.location.line) == (__file__, line)
-        assert site.describe().startswith("set to eval by NormEval.train() (an override)")
+        assert site.describe().startswith("set to eval by NormEvalNet.train() (an override)")
         root = modes.last_set(model)
-        assert root.how == "NormEval.train()" and root.location.line == line
+        assert root.how == "NormEvalNet.train()" and root.location.line == line
 
 
 def test_no_site_recorded_while_unwatched():
-    model = Net()
+    model = MLP()
     model.eval()
     assert modes.last_set(model) is None

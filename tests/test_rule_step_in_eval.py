@@ -6,12 +6,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
 from models import (
-    MLP, FineTuneNet, HFStyleModel, NormEvalNet, SmallCNN, batch, image_batch, labels, sgd, train_step,
+    MLP, DropoutHeadNet, FineTuneNet, HFStyleModel, NormEvalNet, SmallCNN, batch, image_batch, labels, sgd, train_step,
 )
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -274,18 +273,7 @@ def test_quiet_for_frozen_feature_extractor_with_fc_in_train():
 def test_dropout_after_a_frozen_extractor_still_fires():
     # A Dropout whose input does require grad (it sits in the trained head) is not
     # frozen, even though it has no parameters of its own.
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = FineTuneNet().backbone
-            self.head = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 3))
-
-        def forward(self, x):
-            return self.head(self.backbone(x))
-
-    model = Net()
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
+    model = DropoutHeadNet().freeze_backbone()
     opt = sgd(model)
     with modeguard.watch(model, opt, on_violation="record") as guard:
         model.eval()

@@ -1,9 +1,12 @@
 """Which modules count as mode-sensitive: Dropout and BatchNorm families by type (with
 the cases where train and eval compute the same thing), attention and RNN dropout,
-custom forwards that read self.training, and register_sensitive. A model without any
-sensitive module never gets MG101/MG201 above info."""
+custom forwards that read self.training, and register_sensitive. Which are frozen:
+params_frozen, frozen marks, frozen= patterns. A model without any sensitive module
+never gets MG101/MG201 above info."""
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
-from modeguard.observe import sensitivity
+from modeguard.observe import modes, sensitivity
 from modeguard.observe.sensitivity import classify
 from modeguard.observe.snapshot import ModeSnapshot
 from models import (
@@ -164,6 +167,131 @@ def test_registered_module_in_eval_during_training_fires_mg101(clean_registry):
         train_step(model, opt)
         found = [v for v in guard.violations if v.code == "MG101"]
     assert len(found) == 1 and found[0].modules == ["1"]
+
+
+def test_explicit_registration_beats_a_predicate_and_a_predicate_beats_the_built_in_rules(clean_registry):
+    modeguard.register_sensitive(lambda m: isinstance(m, nn.Dropout), kind="predicate")
+    assert classify(nn.Dropout(0.5)) == "predicate"
+    assert classify(nn.Dropout(0.0)) == "predicate"  # even where the built-in rule says None
+    modeguard.register_sensitive(nn.Dropout, kind="class")
+    assert classify(nn.Dropout(0.5)) == "class"
+
+
+def test_registering_moves_the_mode_epoch(clean_registry, epochs):
+    before = modes.MODE_EPOCH[0]
+    modeguard.register_sensitive(nn.Identity)
+    modeguard.register_sensitive(lambda m: False)
+    assert modes.MODE_EPOCH[0] == before + 2  # watched models look at their modules again
+
+
+@pytest.mark.parametrize("attr", ["p", "drop_prob", "drop_rate", "hidden_dropout"])
+def test_dropout_like_float_attributes_at_zero_switch_a_custom_module_off(attr):
+    class Drop(nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            setattr(self, attr, value)
+
+        def forward(self, x):
+            return F.dropout(x, getattr(self, attr), self.training)
+
+    assert classify(Drop(0.0)) is None
+    assert classify(Drop(0.1)) == "custom"
+
+
+def test_other_float_attributes_at_zero_do_not_count():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 0.0
+
+        def forward(self, x):
+            return x * self.scale if self.training else x
+
+    assert classify(Scaled()) == "custom"
+
+
+def test_whether_a_forward_reads_training_is_worked_out_once_per_class(monkeypatch):
+    monkeypatch.setattr(sensitivity, "_reads_training_cache", {})
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return x
+
+    assert classify(Plain()) is None
+    assert sensitivity._reads_training_cache == {Plain: False}
+    sensitivity._reads_training_cache[Plain] = True  # the cache, not the code, answers now
+    assert classify(Plain()) == "custom"
+
+
+# ---- BatchNorm, parameters, frozen marks and patterns -------------------------------------------
+
+
+@pytest.mark.parametrize("module, expected", [
+    (nn.BatchNorm1d(4), True),
+    (nn.BatchNorm2d(4, track_running_stats=False), True),
+    (nn.SyncBatchNorm(4), True),
+    (nn.InstanceNorm2d(4), True),
+    (nn.GroupNorm(2, 4), False),
+    (nn.LayerNorm(4), False),
+    (nn.Dropout(0.5), False),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+def test_is_batchnorm(module, expected):
+    assert sensitivity.is_batchnorm(module) is expected
+
+
+def test_params_frozen_true_false_or_none():
+    model = FineTuneNet()
+    params_frozen = sensitivity.params_frozen
+    assert params_frozen(model.backbone.drop, recurse=True) is None  # no parameters at all
+    assert params_frozen(model.backbone, recurse=False) is None  # none of its own
+    assert params_frozen(model.backbone, recurse=True) is False
+    model.backbone.bn.weight.requires_grad_(False)
+    assert params_frozen(model.backbone.bn, recurse=False) is False  # its bias still trains
+    model.freeze_backbone()
+    assert params_frozen(model.backbone, recurse=True) is True
+    assert params_frozen(model, recurse=True) is False  # fc trains
+    no_bias = nn.Linear(2, 2, bias=False).requires_grad_(False)
+    assert no_bias._parameters["bias"] is None
+    assert params_frozen(no_bias, recurse=False) is True
+
+
+def test_frozen_marks_are_set_taken_back_and_move_the_mode_epoch(epochs):
+    model = FineTuneNet()
+    before = modes.MODE_EPOCH[0]
+    sensitivity.mark_frozen([model.backbone])
+    try:
+        assert sensitivity.is_marked_frozen(model.backbone)
+        assert not sensitivity.is_marked_frozen(model.backbone.bn)  # the mark is on the module; walks pass it down
+        assert modes.MODE_EPOCH[0] == before + 1
+    finally:
+        sensitivity.unmark_frozen([model.backbone])
+    assert not sensitivity.is_marked_frozen(model.backbone)
+    assert modes.MODE_EPOCH[0] == before + 2
+    sensitivity.unmark_frozen([model.fc])  # never marked: no error
+
+
+def test_frozen_marks_reject_non_modules_and_hold_modules_weakly(epochs):
+    with pytest.raises(TypeError, match="expects nn.Module objects, got Parameter"):
+        sensitivity.mark_frozen([nn.Linear(2, 2).weight])
+    module = nn.Dropout(0.5)
+    sensitivity.mark_frozen([module])
+    ref = weakref.ref(module)
+    del module
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("name, patterns, expected", [
+    ("backbone", ["backbone.*"], True),  # the module itself
+    ("backbone.layer1.bn", ["backbone.*"], True),
+    ("backbone2.bn", ["backbone.*"], False),
+    ("head.drop", ["*.drop"], True),
+    ("head.Drop", ["*.drop"], False),  # case matters
+    ("fc", ["backbone.*", "fc"], True),
+    ("fc", [], False),
+])
+def test_matches_any(name, patterns, expected):
+    assert sensitivity.matches_any(name, patterns) is expected
 
 
 # ---- snapshots and the mode map ---------------------------------------------------------

@@ -9,31 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
-from modeguard.observe import modes
 from modeguard.testing import assert_eval_deterministic, assert_modes, assert_modes_unchanged
+from models import IN_FEATURES, MLP, DropoutHeadNet, batch
+
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
-@pytest.fixture(autouse=True)
-def seeded_and_unpatched(monkeypatch):
-    monkeypatch.delenv("MODEGUARD", raising=False)
-    torch.manual_seed(0)
-    yield
-    assert not modes.is_patched(), "a helper left nn.Module patched"
-
-
-class Net(nn.Module):
-    def __init__(self, p=0.5):
-        super().__init__()
-        self.fc = nn.Linear(4, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.drop = nn.Dropout(p)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.head(self.drop(F.relu(self.bn(self.fc(x)))))
-
-
-class DropoutStaysOn(Net):
+class DropoutStaysOn(MLP):
     """A train() override that keeps dropout on in eval (the MC-dropout hack, by mistake)."""
 
     def train(self, mode=True):
@@ -42,14 +24,14 @@ class DropoutStaysOn(Net):
         return self
 
 
-class BatchNormStaysInTrain(Net):
+class BatchNormStaysInTrain(MLP):
     def train(self, mode=True):
         super().train(mode)
         self.bn.train()
         return self
 
 
-class ForwardSwitchesDropoutOn(Net):
+class ForwardSwitchesDropoutOn(MLP):
     def forward(self, x):
         self.drop.train()
         return super().forward(x)
@@ -58,7 +40,7 @@ class ForwardSwitchesDropoutOn(Net):
 class FunctionalDropout(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(4, 16)
+        self.fc = nn.Linear(IN_FEATURES, 16)
 
     def forward(self, x):
         return F.dropout(self.fc(x), 0.5, training=True)
@@ -67,7 +49,7 @@ class FunctionalDropout(nn.Module):
 class CountsCalls(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(4, 2)
+        self.fc = nn.Linear(IN_FEATURES, 2)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x):
@@ -75,30 +57,8 @@ class CountsCalls(nn.Module):
         return self.fc(x)
 
 
-class Backbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Linear(4, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x):
-        return self.drop(self.bn(self.conv(x)))
-
-
-class FineTune(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.backbone = Backbone()
-        self.drop = nn.Dropout(0.5)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.head(self.drop(self.backbone(x)))
-
-
 def x(n=8):
-    return torch.randn(n, 4, generator=torch.Generator().manual_seed(3))
+    return batch(n, seed=3)
 
 
 def validate(model, data):
@@ -122,7 +82,7 @@ def line_of(fn, text):
 # ---- assert_eval_deterministic --------------------------------------------------------
 
 def test_eval_deterministic_passes_a_correct_model_and_restores_its_modes():
-    model = Net().train()
+    model = MLP().train()
     stats = model.bn.running_mean.clone()
     assert_eval_deterministic(model, x())
     assert model.training and model.drop.training and model.bn.training
@@ -130,15 +90,15 @@ def test_eval_deterministic_passes_a_correct_model_and_restores_its_modes():
 
 
 def test_eval_deterministic_keeps_mixed_modes_as_they_were():
-    model = FineTune().train()
+    model = DropoutHeadNet().train()
     model.backbone.eval()
     assert_eval_deterministic(model, x())
-    assert model.training and model.drop.training
+    assert model.training and model.head[1].training
     assert not model.backbone.training and not model.backbone.bn.training
 
 
 def test_eval_deterministic_forwards_keyword_arguments_and_compares_nested_outputs():
-    class TwoHeads(Net):
+    class TwoHeads(MLP):
         def forward(self, x, scale=1.0):
             h = super().forward(x) * scale
             return {"logits": h, "extra": (h.argmax(1), [h.sum()])}
@@ -207,7 +167,7 @@ def test_eval_deterministic_names_a_custom_buffer_that_changes():
 
 
 def test_eval_deterministic_tolerance():
-    class TinyNoise(Net):
+    class TinyNoise(MLP):
         def forward(self, x):
             return super().forward(x) + 1e-7 * torch.rand(1)
 
@@ -224,29 +184,29 @@ def test_eval_deterministic_rejects_non_modules():
 # ---- assert_modes ---------------------------------------------------------------------
 
 def test_assert_modes_passes_in_the_expected_mode():
-    model = Net().train()
+    model = MLP().train()
     assert_modes(model)
     assert_modes(model.eval(), training=False)
     assert_modes(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval())  # nothing mode-sensitive
 
 
 def test_assert_modes_lists_modules_in_the_wrong_mode_with_where_it_was_set():
-    model = Net().train()
+    model = MLP().train()
     with modeguard.watch(model, on_violation="record"):
         validate(model, x())
     with pytest.raises(AssertionError) as info:
         assert_modes(model, training=True)
     msg = str(info.value)
     line = line_of(validate, "model.eval()")
-    assert msg.startswith("2 mode-sensitive module(s) of Net are in eval mode, expected train:")
-    assert f"  - bn (BatchNorm1d); mode set: Net.eval() at {__file__}:{line} in validate()" in msg
-    assert f"  - drop (Dropout); mode set: Net.eval() at {__file__}:{line} in validate()" in msg
+    assert msg.startswith("2 mode-sensitive module(s) of MLP are in eval mode, expected train:")
+    assert f"  - bn (BatchNorm1d); mode set: MLP.eval() at {__file__}:{line} in validate()" in msg
+    assert f"  - drop (Dropout); mode set: MLP.eval() at {__file__}:{line} in validate()" in msg
     assert "fix: call model.train()" in msg
     assert "fc" not in msg.replace("fix", "")  # Linear layers have no mode to get wrong
 
 
 def test_assert_modes_drops_a_site_that_a_later_untraced_change_made_stale():
-    model = Net().train()
+    model = MLP().train()
     with modeguard.watch(model, on_violation="record"):
         model.eval()
     model.train()  # not watched: no site recorded
@@ -257,7 +217,7 @@ def test_assert_modes_drops_a_site_that_a_later_untraced_change_made_stale():
 
 
 def test_assert_modes_skips_frozen_parts_unless_asked():
-    model = FineTune().train()
+    model = DropoutHeadNet().train()
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     model.backbone.eval()
@@ -269,7 +229,7 @@ def test_assert_modes_skips_frozen_parts_unless_asked():
 
 
 def test_assert_modes_frozen_means_all_own_parameters_or_a_mark():
-    model = FineTune().train()
+    model = DropoutHeadNet().train()
     model.backbone.bn.weight.requires_grad_(False)  # bias still trains: not frozen
     model.backbone.eval()
     with pytest.raises(AssertionError, match="backbone.bn"):
@@ -282,36 +242,36 @@ def test_assert_modes_frozen_means_all_own_parameters_or_a_mark():
 
 
 def test_assert_modes_dropout_outside_the_frozen_part_still_counts():
-    model = FineTune().train()
+    model = DropoutHeadNet().train()
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     model.backbone.eval()
-    model.drop.eval()
+    model.head[1].eval()
     with pytest.raises(AssertionError) as info:
         assert_modes(model)
     msg = str(info.value)
-    assert "  - drop (Dropout)" in msg and "backbone" not in msg
+    assert "  - head.1 (Dropout)" in msg and "backbone" not in msg
 
 
 # ---- assert_modes_unchanged -----------------------------------------------------------
 
 def test_modes_unchanged_passes_a_validate_that_restores_train_mode():
-    model = Net().train()
+    model = MLP().train()
     with assert_modes_unchanged(model):
         validate_and_restore(model, x())
     assert model.training
 
 
 def test_modes_unchanged_names_the_modules_and_the_line_that_changed_them():
-    model = Net().train()
+    model = MLP().train()
     with pytest.raises(AssertionError) as info:
         with assert_modes_unchanged(model):
             validate(model, x())
     msg = str(info.value)
     line = line_of(validate, "model.eval()")
-    assert msg.startswith("the block changed the mode of 2 mode-sensitive module(s) of Net and did not restore it:")
-    assert f"  - bn (BatchNorm1d); mode set: Net.eval() at {__file__}:{line} in validate(): train -> eval" in msg
-    assert f"  - drop (Dropout); mode set: Net.eval() at {__file__}:{line} in validate(): train -> eval" in msg
+    assert msg.startswith("the block changed the mode of 2 mode-sensitive module(s) of MLP and did not restore it:")
+    assert f"  - bn (BatchNorm1d); mode set: MLP.eval() at {__file__}:{line} in validate(): train -> eval" in msg
+    assert f"  - drop (Dropout); mode set: MLP.eval() at {__file__}:{line} in validate(): train -> eval" in msg
 
 
 def test_modes_unchanged_reports_plain_modules_when_nothing_sensitive_changed():
@@ -322,7 +282,7 @@ def test_modes_unchanged_reports_plain_modules_when_nothing_sensitive_changed():
 
 
 def test_modes_unchanged_lets_the_blocks_own_exception_through():
-    model = Net().train()
+    model = MLP().train()
     with pytest.raises(ZeroDivisionError):
         with assert_modes_unchanged(model):
             model.eval()

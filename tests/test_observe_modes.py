@@ -1,0 +1,281 @@
+"""modeguard.observe.modes: where each mode change is recorded (ModeSite, last_set) for
+train()/eval(), direct assignment and a model's own train() override; MODE_EPOCH and
+STRUCTURE_EPOCH moving only while the patches are installed; listeners held weakly."""
+
+import gc
+import inspect
+import weakref
+
+import pytest
+import torch.nn as nn
+
+from modeguard._frames import Location
+from modeguard.observe import modes, pickling
+from modeguard.observe.modes import ModeSite
+from models import MLP, NormEvalNet, Passthrough
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def here() -> int:
+    """The line of the call to here()."""
+    return inspect.currentframe().f_back.f_lineno
+
+
+class Listener:
+    """The least a listener needs: an arm_roots() method."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def arm_roots(self):
+        self.calls += 1
+
+
+class Unhashable(nn.Module):
+    """__eq__ without __hash__: the weak site table cannot key it."""
+
+    def __eq__(self, other):
+        return self is other
+
+    __hash__ = None
+
+
+# ---- ModeSite ----------------------------------------------------------------------------
+
+
+def test_mode_site_describes_each_kind_of_change():
+    loc = Location("/src/train.py", 12, "fit")
+    assert ModeSite(False, "Net.eval()", loc).describe() == "Net.eval() at /src/train.py:12 in fit()"
+    assert ModeSite(True, "assignment", loc).describe() == "`.training = True` assigned directly at /src/train.py:12 in fit()"
+    assert ModeSite(False, "override", loc, by="Detector").describe() == (
+        "set to eval by Detector.train() (an override), called from /src/train.py:12 in fit()"
+    )
+    assert ModeSite(True, "override", None, by="Detector").describe() == (
+        "set to train by Detector.train() (an override), called from an unknown place"
+    )
+    assert ModeSite(True, "Net.train()", None).describe() == "Net.train() at an unknown place"
+
+
+def test_mode_site_to_dict_and_immutability():
+    loc = Location("/src/train.py", 12, "fit")
+    assert ModeSite(False, "override", loc, by="Detector").to_dict() == {
+        "training": False, "how": "override", "by": "Detector",
+        "location": {"file": "/src/train.py", "line": 12, "function": "fit"},
+    }
+    assert ModeSite(True, "assignment", None).to_dict()["location"] is None
+    with pytest.raises(AttributeError):
+        ModeSite(True, "assignment", None).training = False
+
+
+def test_hook_mark_is_the_one_pickling_strips():
+    assert modes.HOOK_MARK == pickling.HOOK_MARK == "_modeguard_hook"
+
+
+# ---- where modes were set ------------------------------------------------------------------
+
+
+def test_nothing_is_recorded_without_the_patches(epochs):
+    model = MLP()
+    before = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
+    model.eval()
+    model.bn.training = True
+    model.add_module("extra", nn.Linear(2, 2))
+    assert modes.last_set(model) is None and modes.last_set(model.bn) is None
+    assert (modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]) == before
+    assert not modes.is_patched()
+
+
+def test_is_patched_follows_acquire_and_release(epochs):
+    train = nn.Module.__dict__["train"]
+    modes.PATCHES.acquire()
+    try:
+        assert modes.is_patched()
+        assert nn.Module.__dict__["train"] is not train
+    finally:
+        modes.PATCHES.release()
+    assert not modes.is_patched()
+    assert nn.Module.__dict__["train"] is train
+
+
+def test_eval_records_one_site_for_every_module_it_changed(mode_patches):
+    model = MLP()
+    line = here() + 1
+    model.eval()
+    site = modes.last_set(model)
+    assert site == ModeSite(False, "MLP.eval()", Location(__file__, line, "test_eval_records_one_site_for_every_module_it_changed"))
+    assert all(modes.last_set(m) is site for m in model.modules())
+
+
+def test_train_names_the_outermost_call_and_the_users_line(mode_patches):
+    model = MLP().eval()
+    line = here() + 1
+    model.train()
+    site = modes.last_set(model.drop)
+    assert (site.training, site.how, site.by) == (True, "MLP.train()", None)
+    assert (site.location.file, site.location.line) == (__file__, line)
+    line = here() + 1
+    model.bn.eval()  # a submodule's own call is named after the submodule
+    bn = modes.last_set(model.bn)
+    assert (bn.training, bn.how, bn.location.line) == (False, "BatchNorm1d.eval()", line)
+    assert modes.last_set(model.drop) is site  # modules the call did not change keep theirs
+
+
+def test_train_with_mode_as_keyword_and_through_the_class(mode_patches):
+    model = MLP()
+    model.train(mode=False)
+    assert modes.last_set(model.bn).how == "MLP.eval()" and not model.bn.training
+    nn.Module.train(model, True)
+    assert modes.last_set(model.bn).how == "MLP.train()" and model.bn.training
+
+
+def test_a_call_that_changes_nothing_keeps_the_earlier_site_and_epoch(mode_patches):
+    model = MLP()
+    model.eval()
+    site, epoch = modes.last_set(model.bn), modes.MODE_EPOCH[0]
+    model.eval()
+    model.bn.training = False
+    assert modes.last_set(model.bn) is site
+    assert modes.MODE_EPOCH[0] == epoch
+
+
+def test_direct_assignment_is_recorded_as_an_assignment(mode_patches):
+    model = MLP()
+    line = here() + 1
+    model.drop.training = False
+    site = modes.last_set(model.drop)
+    assert (site.training, site.how, site.by) == (False, "assignment", None)
+    assert site.location == Location(__file__, line, "test_direct_assignment_is_recorded_as_an_assignment")
+    assert modes.last_set(model.bn) is None
+
+
+def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_override(mode_patches):
+    model = NormEvalNet().eval()
+    line = here() + 1
+    model.train()
+    bn = modes.last_set(model.backbone.bn)
+    assert (bn.training, bn.how, bn.by) == (False, "override", "NormEvalNet")
+    assert (bn.location.file, bn.location.line) == (__file__, line)
+    root = modes.last_set(model)
+    assert (root.training, root.how, root.location.line) == (True, "NormEvalNet.train()", line)
+    assert modes.last_set(model.backbone.drop) is root
+
+
+def test_an_override_that_passes_its_arguments_on_is_the_users_own_call(mode_patches):
+    model = Passthrough()
+    line = here() + 1
+    model.eval()  # eval() -> Passthrough.train(False) -> nn.Module.train
+    site = modes.last_set(model.bn)
+    assert (site.how, site.by) == ("Passthrough.eval()", None)
+    # the user's line, not the line inside the override
+    assert (site.location.file, site.location.line) == (__file__, line)
+    assert site.location.function == "test_an_override_that_passes_its_arguments_on_is_the_users_own_call"
+
+
+def test_the_site_table_does_not_keep_modules_alive(mode_patches):
+    model = MLP()
+    model.eval()
+    ref = weakref.ref(model.bn)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_module_that_cannot_be_keyed_still_changes_mode_and_moves_the_epoch(mode_patches):
+    module = Unhashable()
+    epoch = modes.MODE_EPOCH[0]
+    module.eval()
+    module.training = True
+    assert module.training is True
+    assert modes.MODE_EPOCH[0] == epoch + 2  # counted, though its site could not be stored
+
+
+# ---- the epochs ---------------------------------------------------------------------------
+
+
+def test_installing_moves_both_epochs(epochs):
+    before = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
+    modes.PATCHES.acquire()
+    try:
+        assert modes.MODE_EPOCH[0] > before[0] and modes.STRUCTURE_EPOCH[0] > before[1]
+    finally:
+        modes.PATCHES.release()
+
+
+def test_mode_epoch_moves_on_every_real_mode_change(mode_patches):
+    model = MLP()
+    start, structure = modes.MODE_EPOCH[0], modes.STRUCTURE_EPOCH[0]
+    model.eval()  # five modules change
+    assert modes.MODE_EPOCH[0] == start + 5
+    model.fc1.training = True
+    assert modes.MODE_EPOCH[0] == start + 6
+    modes.bump_mode_epoch()
+    assert modes.MODE_EPOCH[0] == start + 7
+    assert modes.STRUCTURE_EPOCH[0] == structure  # modes are not structure
+
+
+def test_structure_epoch_moves_when_modules_or_parameters_are_registered(mode_patches):
+    model = MLP()
+    start, mode = modes.STRUCTURE_EPOCH[0], modes.MODE_EPOCH[0]
+    model.head = nn.Identity()
+    assert modes.STRUCTURE_EPOCH[0] == start + 1
+    model.fc1.register_parameter("scale", nn.Parameter(model.fc1.bias.detach().clone()))
+    assert modes.STRUCTURE_EPOCH[0] == start + 2
+    assert modes.MODE_EPOCH[0] == mode  # a new module in train mode is no mode change
+
+
+def test_structure_hooks_are_removed_with_the_patches(epochs):
+    modes.PATCHES.acquire()
+    modes.PATCHES.release()
+    start = modes.STRUCTURE_EPOCH[0]
+    MLP().add_module("extra", nn.Linear(2, 2))
+    assert modes.STRUCTURE_EPOCH[0] == start
+
+
+# ---- listeners -----------------------------------------------------------------------------
+
+
+def test_a_listener_is_armed_after_mode_and_structure_changes(mode_patches):
+    listener = Listener()
+    model = MLP()
+    modes.listen(listener)
+    try:
+        model.bn.eval()
+        assert listener.calls == 1
+        model.add_module("extra", nn.Identity())
+        assert listener.calls == 2
+        modes.bump_mode_epoch()
+        assert listener.calls == 3
+        model.bn.eval()  # no change: not armed
+        assert listener.calls == 3
+    finally:
+        modes.unlisten(listener)
+    model.bn.train()
+    assert listener.calls == 3
+    assert id(listener) not in modes.ON_EPOCH
+
+
+def test_unlisten_twice_or_unknown_is_harmless(epochs):
+    listener = Listener()
+    modes.unlisten(listener)
+    modes.listen(listener)
+    modes.unlisten(listener)
+    modes.unlisten(listener)
+    assert id(listener) not in modes.ON_EPOCH
+
+
+def test_listeners_are_held_weakly(mode_patches):
+    listener, other, model = Listener(), Listener(), MLP()
+    modes.listen(listener)
+    modes.listen(other)
+    ref = weakref.ref(listener)
+    key = id(listener)
+    del listener
+    gc.collect()
+    assert ref() is None  # ON_EPOCH did not keep it alive
+    assert key not in modes.ON_EPOCH  # and its entry went with it
+    try:
+        model.eval()  # the dead one is not called; the live one still is (once per module)
+        assert other.calls == 5
+    finally:
+        modes.unlisten(other)
