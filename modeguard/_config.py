@@ -32,9 +32,10 @@ ENV = {
     "backward_sample": "MODEGUARD_BACKWARD_SAMPLE",
 }
 
-#: One ordinary training forward in this many is followed into its autograd graph (see
-#: the README's "How it works"); 1 follows every forward.
-DEFAULT_BACKWARD_SAMPLE = 16
+#: Ordinary training forwards followed into their autograd graph, one in this many: by
+#: default none (None). Findings do not depend on it: a step reads from the gradients
+#: themselves whether a backward came (``_state.GradMark``). 1 follows every forward.
+DEFAULT_BACKWARD_SAMPLE = None
 
 
 class ConfigError(ValueError):
@@ -217,7 +218,7 @@ class Config:
     severities: Mapping[str, Severity] = field(default_factory=dict)
     #: module-name patterns meant to stay in eval (``frozen=["backbone.*"]``).
     frozen: Tuple[str, ...] = ()
-    backward_sample: int = DEFAULT_BACKWARD_SAMPLE
+    backward_sample: Optional[int] = DEFAULT_BACKWARD_SAMPLE
     #: what fails a run or a test (``modeguard run --fail-on``, the pytest plugin).
     fail_on: FailOn = FailOn.ERROR
     #: setting -> where its value came from ("MODEGUARD", "--fail-on", "default"...).

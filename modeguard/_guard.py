@@ -29,7 +29,7 @@ from ._hotpath import arm, drain_released, make_post_hook, make_step_pre_hook
 from ._markers import ALLOWED
 from ._state import OptimizerState, RootState
 from .observe import modes, sensitivity
-from .observe.graph import ACTIVITY, RELEASED
+from .observe.graph import ACTIVITY, RELEASED, judge_live
 from .observe.modes import PATCHES
 from .observe.pickling import mark
 from .report import ModeMap, Report, Violation
@@ -125,7 +125,7 @@ class Guard:
         return self._active
 
     @property
-    def backward_sample(self) -> int:
+    def backward_sample(self) -> Optional[int]:
         return self.config.backward_sample
 
     @property
@@ -260,7 +260,9 @@ class Guard:
         except Exception:  # unwatch() and report() never raise: the finding is recorded
             pass
 
-    def _drain_quietly(self) -> None:
+    def _drain_quietly(self, judge_live_graphs: bool = False) -> None:
+        if judge_live_graphs:
+            judge_live(self)
         if not RELEASED:
             return
         self._quiet += 1
@@ -279,7 +281,11 @@ class Guard:
         return list(self._log)
 
     def report(self) -> Report:
-        return Report(self.violations)
+        """What was found so far. Graphs still alive that no backward used count as
+        unused now (``violations`` alone does not judge them: a program may still be
+        about to backpropagate)."""
+        self._drain_quietly(judge_live_graphs=True)
+        return Report(list(self._log))
 
     def clear(self) -> None:
         """Forget the violations found so far (e.g. between notebook cells)."""
@@ -308,7 +314,7 @@ class Guard:
         if not self.active:
             return
         try:
-            self._drain_quietly()
+            self._drain_quietly(judge_live_graphs=True)
         finally:
             self._active = False
             for st in list(self._roots.values()):

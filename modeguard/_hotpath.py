@@ -26,9 +26,13 @@ import torch
 
 from ._frames import user_code_line
 from ._markers import ALLOWED
-from .observe.graph import ACTIVITY, RELEASED, ForwardRecord, attach, output_grad_fns
+from .observe.graph import ACTIVITY, PLAIN, RELEASED, ForwardRecord, attach, holds_no_graph, output_grad_fns
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.pickling import mark
+
+
+#: A countdown that never runs out: no ordinary training forward is followed.
+_NEVER = 1 << 62
 
 
 def drain_released() -> None:
@@ -36,9 +40,10 @@ def drain_released() -> None:
     the finaliser itself, so warnings and exceptions happen at a normal point)."""
     while RELEASED:
         rec = RELEASED.popleft()
-        st = rec.root
-        if st.active:
-            guard = st.guard
+        guard = rec.root.guard
+        # The guard, not the root: a model that died with its graph (at the end of a
+        # test function) still had its graph built for nothing.
+        if guard._active:
             for rule in guard.release_rules:
                 rule.on_release(guard, rec)
 
@@ -111,7 +116,8 @@ def make_post_hook(guard, st):
         act = ACTIVITY[0]
         if torch.is_grad_enabled():
             st.fwd_seq += 1
-            if snap.plain_train and act != st.prev_forward_activity and st.countdown:
+            if (snap.plain_train and act != st.prev_forward_activity and st.countdown
+                    and output.__class__ not in PLAIN):
                 # The common case: the first training forward since the last backward
                 # or step. Presumed backpropagated; nothing is allocated.
                 st.countdown -= 1
@@ -132,10 +138,14 @@ def follow(guard, st, snap, output, act) -> None:
     """Tie this forward to its backward, or learn that its graph was freed unused."""
     nodes = output_grad_fns(output)
     if not nodes:
+        if st.has_trainable and holds_no_graph(output):
+            # `return loss.item()` with grad enabled: the forward built a graph, and it
+            # is gone already, unused. Judged like a graph freed unused.
+            RELEASED.append(ForwardRecord(st, snap, user_code_line(2), ALLOWED.get(), st.fwd_seq))
         return
     if snap.plain_train and st.grads_persist is False:
         n = guard.backward_sample
-        st.countdown = guard.rng.randrange(2 * n - 1) if n > 1 else 0
+        st.countdown = _NEVER if n is None else guard.rng.randrange(2 * n - 1) if n > 1 else 0
     # The user's line is needed only if this forward may turn out to be evaluation:
     # eval mode, or no backward/step since the previous one.
     where = user_code_line(2) if (not snap.root_training or act == st.prev_forward_activity) else None
@@ -161,7 +171,6 @@ def before_step(guard, ost, optimizer, args, kwargs):
         drain_released()
     roots = ost.roots(guard, optimizer)
     seen = ost.seen
-    marks = ost.marks
     # Models with new gradients since this optimizer's previous step (a backward seen,
     # or a training forward presumed backpropagated whose gradients did move), in one
     # pass with the test for the common step: new gradients only from forwards whose
@@ -170,8 +179,7 @@ def before_step(guard, ost, optimizer, args, kwargs):
     fresh = []
     quiet = True
     moved_any = False
-    for st in roots:
-        mark = marks.get(st)
+    for st, mark in ost.pairs:
         # Read on every step, so that the next step compares with this one.
         moved = mark is not None and mark.moved()
         if moved and st.grads_persist is False:  # elsewhere a version also moves on zero_()

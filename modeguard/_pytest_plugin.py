@@ -26,9 +26,8 @@ INI_FAIL_ON = "modeguard_fail_on"
 INI_RULES = "modeguard_rules"
 
 DEFAULT_FAIL_ON = "warning"
-#: Tests record (the failure message is the report) and follow every training forward:
-#: they run few steps, and a single skipped backward must fail them.
-_DEFAULTS = {"on_violation": "record", "fail_on": DEFAULT_FAIL_ON, "backward_sample": 1}
+#: Tests record: the failure message is the report.
+_DEFAULTS = {"on_violation": "record", "fail_on": DEFAULT_FAIL_ON}
 _LABELS = {
     "pytest": "command line", "ini:pytest": "ini",
     "fail_on": "--modeguard-fail-on", "ini:fail_on": f"ini option {INI_FAIL_ON}",
@@ -276,6 +275,8 @@ class _AutoWatch:
 def _finish(watch: Optional[_AutoWatch], fixture: Optional["ModeGuardFixture"]) -> list:
     violations = watch.stop() if watch is not None else []
     if fixture is not None:
+        for g in fixture.guards:
+            g.report()  # the end of the test: graphs still alive and unused count now
         seen = {id(v) for v in violations}
         violations += [v for v in fixture.violations if id(v) not in seen]
         fixture._judged.update(id(v) for v in violations)
@@ -357,7 +358,6 @@ class ModeGuardFixture:
             guard = existing  # already found by automatic watching, which also sees every optimizer
         else:
             kwargs.setdefault("on_violation", "record")
-            kwargs.setdefault("backward_sample", 1)
             if self.rules:
                 kwargs.setdefault("rules", self.rules)
             guard = watch(model, *optimizers, **kwargs)

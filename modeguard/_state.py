@@ -24,7 +24,7 @@ class RootState:
     """Everything a guard tracks about one watched model. Holds the model weakly."""
 
     __slots__ = (
-        "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
+        "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
         "countdown", "grads_persist", "polls_due", "rule_state",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
@@ -69,6 +69,8 @@ class RootState:
         self.probe_handles = []
         if self.struct_epoch != STRUCTURE_EPOCH[0] or not self.param_ids:
             self.param_ids = frozenset(id(p) for p in module.parameters())
+        # Read again at every rescan: requires_grad flips have no hook.
+        self.has_trainable = any(p.requires_grad for p in module.parameters())
         self.epoch, self.struct_epoch = MODE_EPOCH[0], STRUCTURE_EPOCH[0]
         guard = self.guard
         self.snapshot = ModeSnapshot(module, guard.config.frozen)
@@ -107,82 +109,95 @@ class RootState:
 
 class GradMark:
     """Whether a backward reached a model's parameters since an optimizer's previous
-    step, told at O(1) cost from two of them, with no autograd callback.
+    step, told at O(1) cost from the gradients themselves, with no autograd callback.
 
     Every backward into a parameter either creates its ``.grad`` (after
     ``zero_grad(set_to_none=True)``, the default) or adds to it in place, which moves the
     tensor's ``_version``. So a ``.grad`` that is None, or the same tensor at the same
     version as at the previous step, got no backward since; a new tensor or a moved
     version may have (``zero_grad(set_to_none=False)``, clipping and ``GradScaler``'s
-    unscale also move the version: those count as "maybe", never as a finding). Two
-    parameters are read, the first and the last that the optimizer trains, so that a
-    backward through any one head of a model reaches at least one of them (the first
-    layer sits below every head). The gradient tensors are held weakly: holding them
-    would keep a second copy of them alive after ``zero_grad``.
+    unscale also move the version: those count as "maybe", never as a finding).
 
-    Only a program whose gradients are replaced at every step (``set_to_none``) lets
-    training forwards be presumed: where a gradient tensor lives on from step to step
+    The ordinary step reads one parameter, the first small one the optimizer trains (the
+    first layer sits below every head, so any backward through the model reaches it);
+    only when it says "no backward" is a second one read, the last small one, so that a
+    model whose first layer a step leaves out is not taken for one with no backward.
+    The two gradients are held strongly between steps, so their identity is certain;
+    "small" (at most ``SMALL`` elements, a bias or a norm's weight) keeps what that holds
+    alive negligible.
+
+    Only a program whose gradients are replaced at every step lets training forwards be
+    presumed: where a gradient tensor lives on from step to step
     (``zero_grad(set_to_none=False)``, or no zero_grad at all), a moved version cannot
     tell a backward from a ``zero_()``. So ``RootState.grads_persist`` starts unknown
     (None) and every forward is followed into autograd, which is exact; the first step
-    that sees a gradient replaced or cleared makes it False (presume from then on), one
+    that sees the gradient replaced or cleared makes it False (presume from then on), one
     that sees it live on makes it True (follow for good, at the cost of one callback per
     backward for those programs only).
     """
 
-    __slots__ = ("root", "first", "last", "ref_first", "ver_first", "ref_last", "ver_last")
+    SMALL = 4096
+
+    __slots__ = ("root", "first", "last", "g_first", "v_first", "g_last", "v_last")
 
     def __init__(self, root, first, last):
         self.root = root
         self.first, self.last = first, last
-        self.ref_first = self.ref_last = None
-        self.ver_first = self.ver_last = -1
+        self.g_first = self.g_last = None
+        self.v_first = self.v_last = -1
+
+    @classmethod
+    def over(cls, root, params: list) -> "GradMark":
+        small = [p for p in params if p.numel() <= cls.SMALL] or params
+        return cls(root, small[0], small[-1])
 
     def moved(self) -> bool:
-        """Did either gradient change since the last call? Records the new state."""
+        """Did a backward maybe reach the parameters since the last call? Records what it
+        read for the next call."""
         g = self.first.grad
+        prev = self.g_first
+        if g is not prev:
+            self.g_first = g
+            if prev is not None and self.root.grads_persist is None:
+                self.root.grads_persist = False  # replaced or cleared: set_to_none
+            if g is not None:
+                self.v_first = -1  # read only if the same tensor comes back (see below)
+                return True
+            return self._last_moved()
         if g is None:
-            a = False
-            if self.ref_first is not None:
-                self.ref_first = None
-                self._replaced()
-        elif self.ref_first is not None and self.ref_first() is g:
-            v = g._version
-            a = v != self.ver_first
-            self.ver_first = v
-            root = self.root
-            if root.grads_persist is not True:
-                root.grads_persist, root.countdown = True, 0
-        else:
-            a = True
-            if self.ref_first is not None:
-                self._replaced()
-            self.ref_first, self.ver_first = weakref.ref(g), g._version
+            return self._last_moved()
+        root = self.root
+        if root.grads_persist is not True:
+            root.grads_persist, root.countdown = True, 0
+        v = g._version
+        if v != self.v_first:
+            # A moved version, or one not read before (then it may have moved: maybe).
+            self.v_first = v
+            return True
+        return self._last_moved()
+
+    def _last_moved(self) -> bool:
         last = self.last
         if last is self.first:
-            return a
+            return False
         g = last.grad
         if g is None:
-            self.ref_last = None
-            return a
-        if self.ref_last is not None and self.ref_last() is g:
-            v = g._version
-            moved = v != self.ver_last
-            self.ver_last = v
-            return a or moved
-        self.ref_last, self.ver_last = weakref.ref(g), g._version
-        return True
-
-    def _replaced(self) -> None:
-        root = self.root
-        if root.grads_persist is None:
-            root.grads_persist = False
+            self.g_last = None
+            return False
+        if g is not self.g_last:
+            self.g_last, self.v_last = g, g._version
+            return True
+        v = g._version
+        if v != self.v_last:
+            self.v_last = v
+            return True
+        return False
 
 
 class OptimizerState:
     """A watched optimizer: its step hook, and what its previous step saw."""
 
-    __slots__ = ("ref", "handles", "seen", "marks", "_roots", "_ngroups", "_nfirst", "_struct", "_version", "__weakref__")
+    __slots__ = ("ref", "handles", "seen", "pairs", "_roots", "_ngroups", "_nfirst", "_struct", "_version", "__weakref__")
 
     def __init__(self, optimizer):
         self.ref = weakref.ref(optimizer)
@@ -190,8 +205,9 @@ class OptimizerState:
         # RootState -> its ``evidence`` at this optimizer's previous step. A plain dict
         # (pruned with the roots): RootStates hold their models only weakly.
         self.seen: dict = {}
-        # RootState -> GradMark over the parameters of that model this optimizer trains.
-        self.marks: dict = {}
+        # (RootState, its GradMark or None) for each root: the parameters of that model
+        # this optimizer trains.
+        self.pairs: list = []
         self._roots: list = []
         self._ngroups = self._nfirst = self._struct = self._version = -1
 
@@ -209,15 +225,16 @@ class OptimizerState:
             self._ngroups, self._nfirst = len(groups), nfirst
             self._struct, self._version = STRUCTURE_EPOCH[0], guard.roots_version
             self.seen = {st: n for st, n in self.seen.items() if st in self._roots}
-            marks = {}
+            marks = {st: mark for st, mark in self.pairs if mark is not None}
+            pairs = []
             for st in self._roots:
                 trained = [p for g in groups for p in g["params"] if id(p) in st.param_ids and p.requires_grad]
-                old = self.marks.get(st)
-                if old is not None and trained and old.first is trained[0] and old.last is trained[-1]:
-                    marks[st] = old
-                elif trained:
-                    marks[st] = GradMark(st, trained[0], trained[-1])
-            self.marks = marks
+                mark = GradMark.over(st, trained) if trained else None
+                old = marks.get(st)
+                if mark is not None and old is not None and old.first is mark.first and old.last is mark.last:
+                    mark = old  # keep what it read at the previous step
+                pairs.append((st, mark))
+            self.pairs = pairs
             for st in self._roots:
                 # A pair first seen now (optimizer watched after backwards, or found at its
                 # first step in automatic mode): give the latest backward to this step.
@@ -229,5 +246,5 @@ class OptimizerState:
             h.remove()
         self.handles = []
         self.seen.clear()
-        self.marks.clear()
+        self.pairs = []
         self._roots = []

@@ -21,7 +21,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeguard
 import modeguard._hotpath as hotpath_module
-from modeguard._config import DEFAULT_BACKWARD_SAMPLE
 from modeguard import _auto as auto
 from modeguard.observe import snapshot as snapshot_module
 
@@ -121,19 +120,29 @@ def followed(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["watch", "auto"])
-def test_ordinary_training_forwards_are_mostly_not_followed_into_the_graph(followed, mode):
+def test_ordinary_training_forwards_are_not_followed_into_the_graph(followed, mode):
     # Following a forward into autograd (a pre-hook on its output's grad_fn, a Python
     # call inside backward) is the dearest thing modeguard does; an ordinary training
-    # loop pays for it on about one forward in BACKWARD_SAMPLE.
+    # loop pays for it only until its first steps show that its gradients are replaced
+    # at every step (zero_grad(set_to_none=True)), after which the steps read the
+    # gradients instead.
     model, opt, x, y = _setup()
     guard = modeguard.watch(model, opt, on_violation="record") if mode == "watch" else auto.start(on_violation="record")
     try:
         _loop(model, opt, x, y, 320)
     finally:
         guard.unwatch() if mode == "watch" else auto.stop()
-    expected = 320 / DEFAULT_BACKWARD_SAMPLE
-    assert expected / 2 <= len(followed) <= expected * 2
+    assert 1 <= len(followed) <= 3  # until the second zero_grad shows the gradients replaced
     assert all(rec.used for rec in followed)  # each followed forward saw its backward
+    assert guard.violations == []
+
+
+def test_backward_sample_follows_one_ordinary_forward_in_n(followed):
+    model, opt, x, y = _setup()
+    with modeguard.watch(model, opt, on_violation="record", backward_sample=16) as guard:
+        _loop(model, opt, x, y, 320)
+    expected = 320 / 16
+    assert expected / 2 <= len(followed) <= expected * 2
     assert guard.violations == []
 
 

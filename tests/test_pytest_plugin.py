@@ -550,3 +550,20 @@ def test_p_no_modeguard_removes_the_plugin(pytester):
     result = pytester.runpytest("-p", "no:modeguard", "test_pg_fx.py")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'modeguard' not found*"])
+
+
+def test_a_graph_alive_at_the_end_of_a_test_counts_as_unused(pytester):
+    pytester.makepyfile(test_alive='''
+        import torch, torch.nn as nn
+
+        def test_generation(modeguard):
+            cell = nn.GRUCell(4, 4).eval()
+            modeguard.fail_on = "info"
+            modeguard.watch(cell)
+            h = torch.zeros(1, 4)
+            for _ in range(3):
+                h = cell(torch.randn(1, 4), h)   # one growing graph, alive until the end
+    ''')
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*MG401 eval-graph-unused*"])

@@ -174,3 +174,91 @@ def test_per_rule_overrides_change_and_turn_off_severities(rules, expected):
             for seed in range(3):
                 model(batch(seed=seed))  # MG201
         assert {(v.code, v.severity) for v in guard.violations} == expected
+
+
+# ---- graphs that outlive the report, and forwards that return no tensor ----------------------
+
+
+class Recurrent(torch.nn.Module):
+    """A cell whose state is fed back: `out, h = model(x, h)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = torch.nn.GRUCell(8, 8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x, h):
+        h = self.cell(x, h)
+        return self.out(h), h
+
+
+def _generate(model, steps=5):
+    h = torch.zeros(2, 8)
+    outs = []
+    for t in range(steps):
+        line = here() + 1
+        out, h = model(batch(2, seed=t), h)  # one graph, growing, never freed before the end
+        outs.append(out.argmax(1))
+    return outs, h, line
+
+
+def test_a_graph_still_alive_at_unwatch_counts_as_unused():
+    model = Recurrent().eval()
+    guard = modeguard.watch(model, on_violation="record")
+    _, h, line = _generate(model)  # h keeps the whole graph alive
+    assert codes(guard) == []  # reading the findings mid-run does not judge live graphs
+    guard.unwatch()
+    found = codes(guard)
+    assert len(found) == 1 and found[0].location.line == line and found[0].location.file == __file__
+    del h
+
+
+def test_a_graph_still_alive_at_report_counts_as_unused():
+    model = Recurrent().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        _, h, line = _generate(model)
+        report = guard.report()
+        assert [v.code for v in report] == ["MG401"]
+        del h
+        assert [v.count for v in guard.report()] == [report.violations[0].count]  # not counted twice
+
+
+def test_a_graph_alive_at_report_and_backpropagated_later_is_not_counted_again():
+    model = MLP().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        x = batch().requires_grad_()
+        out = model(x)
+        out.sum().backward()  # a saliency map: used
+        assert guard.report().violations == []
+        del out
+
+
+def test_an_eval_forward_that_returns_a_python_number_with_grad_enabled():
+    class Evaluator(MLP):
+        def forward(self, x, y):
+            return F.cross_entropy(super().forward(x), y).item()
+
+    model = Evaluator().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        line = here() + 1
+        loss = model(batch(), labels())
+        assert isinstance(loss, float)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].location.line == line
+
+
+def test_quiet_for_a_python_number_under_no_grad_or_from_a_frozen_model():
+    class Evaluator(MLP):
+        def forward(self, x, y):
+            return F.cross_entropy(super().forward(x), y).item()
+
+    model = Evaluator().eval()
+    with modeguard.watch(model, on_violation="record") as guard:
+        with torch.no_grad():
+            model(batch(), labels())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
+        model.eval()  # a mode change: requires_grad is read again
+        model(batch(), labels())  # nothing requires grad: no graph was built
+        assert guard.violations == []

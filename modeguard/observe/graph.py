@@ -13,6 +13,7 @@ would keep activations alive, so this is how a graph's fate is learnt without ow
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import deque
 from collections.abc import Mapping
 
@@ -29,7 +30,7 @@ _MAX_NODES = 16
 class ForwardRecord:
     """What modeguard keeps about one grad-enabled forward of a watched model."""
 
-    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "used", "__weakref__")
+    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "used", "judged", "__weakref__")
 
     def __init__(self, root, snapshot, where, allowed, seq):
         self.root = root          # RootState (holds the model only weakly)
@@ -37,7 +38,8 @@ class ForwardRecord:
         self.where = where        # (code, line) of the user's call, or None
         self.allowed = allowed    # rule codes silenced by allow() around the forward
         self.seq = seq            # the root's grad-enabled forward count at this forward
-        self.used = False
+        self.used = False         # a backward passed through its graph
+        self.judged = False       # counted as unused while its graph was still alive
 
 
 class PresumedForward:
@@ -56,10 +58,16 @@ class PresumedForward:
         self.seq = -1
 
 
+#: The graph watches alive now, held weakly: what a report counts as unused when the
+#: graph outlives it (generation that feeds its hidden state back builds one graph that
+#: is never freed before the program ends).
+LIVE: "weakref.WeakSet[_GraphWatch]" = weakref.WeakSet()
+
+
 class _GraphWatch:
     """The backward pre-hook on a forward's output nodes, and its graph's sentinel."""
 
-    __slots__ = ("record", "on_backward")
+    __slots__ = ("record", "on_backward", "__weakref__")
 
     def __init__(self, record, on_backward):
         self.record = record
@@ -74,7 +82,17 @@ class _GraphWatch:
     def __del__(self):
         # Runs wherever the graph happens to be freed: only enqueue.
         rec = self.record
-        if not rec.used:
+        if not rec.used and not rec.judged:
+            RELEASED.append(rec)
+
+
+def judge_live(guard) -> None:
+    """A report is being made: the graphs of ``guard``'s models that are still alive and
+    were never backpropagated count as unused now (and not again when they are freed)."""
+    for watch in list(LIVE):
+        rec = watch.record
+        if not rec.used and not rec.judged and rec.root.guard is guard:
+            rec.judged = True
             RELEASED.append(rec)
 
 
@@ -107,3 +125,23 @@ def attach(record: ForwardRecord, nodes: list, on_backward) -> None:
     watch = _GraphWatch(record, on_backward)
     for node in nodes:
         node.register_prehook(watch)
+    LIVE.add(watch)
+
+
+#: What a forward that returns a plain Python value returns (``loss.item()``). Not None:
+#: a forward that returns nothing may keep its outputs on the module for later.
+PLAIN = frozenset((bool, int, float, complex, str))
+
+
+def holds_no_graph(output) -> bool:
+    """An output made only of plain Python values (``loss.item()``, a dict of metrics):
+    whatever graph its forward built is gone, and no backward can use it. A tensor, even
+    a detached one (an adversarial example computed inside the forward), or an object of
+    any other kind, is not judged."""
+    if output.__class__ in PLAIN:
+        return True
+    if isinstance(output, (tuple, list)):
+        return all(holds_no_graph(item) for item in output[:_MAX_NODES])
+    if isinstance(output, dict):
+        return all(holds_no_graph(item) for item in list(output.values())[:_MAX_NODES])
+    return False
