@@ -83,9 +83,10 @@ def _codes(guard):
 
 def test_outermost_models_become_roots_and_nested_calls_do_not():
     def program():
-        model = Net()
-        model(_x())
-        model(_x())
+        model = Net().eval()
+        with torch.no_grad():
+            model(_x())
+            model(_x())
 
     guard, names = _run(program)
     assert names == ["Net"]
