@@ -121,7 +121,7 @@ def make_post_hook(guard, st):
                 # The common case: the first training forward since the last backward
                 # or step. Presumed backpropagated; nothing is allocated.
                 st.countdown -= 1
-                presumed.snapshot, presumed.allowed, presumed.seq = snap, get_allowed(), st.fwd_seq
+                presumed.snapshot, presumed.allowed, presumed.seq, presumed.activity = snap, get_allowed(), st.fwd_seq, act
                 st.source = presumed
                 st.evidence += 1
             else:
@@ -181,9 +181,9 @@ def before_step(guard, ost, optimizer, args, kwargs):
     moved_any = False
     for st, mark in ost.pairs:
         # Read on every step, so that the next step compares with this one.
-        moved = mark is not None and mark.moved()
-        if moved and st.grads_persist is False:  # elsewhere a version also moves on zero_()
-            moved_any = True
+        moved = mark.moved() if mark is not None else 0
+        if moved == 2 or (moved and st.grads_persist is False):
+            moved_any = True  # (where gradients live on, a version also moves on zero_())
         if seen.get(st) == st.evidence:
             continue
         src = st.source

@@ -24,7 +24,7 @@ class RootState:
     """Everything a guard tracks about one watched model. Holds the model weakly."""
 
     __slots__ = (
-        "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable",
+        "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable", "grad_marks",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
         "countdown", "grads_persist", "polls_due", "rule_state",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
@@ -54,6 +54,7 @@ class RootState:
         self.grads_persist = None
         self.polls_due = guard.poll_interval  # steps with new gradients until the rules' next poll
         self.rule_state: dict = {}  # rule code -> that rule's own record for this model
+        self.grad_marks: tuple = ()  # the GradMarks of the optimizers that train it
         self.handles: list = []
         self.probe_handles: list = []
         self.probes_pending = False
@@ -89,8 +90,15 @@ class RootState:
         for h in self.handles + self.probe_handles:
             h.remove()
         self.handles, self.probe_handles, self.snapshot, self.source = [], [], None, None
+        self.grad_marks = ()
         self.presumed.snapshot = self.presumed.allowed = None
         self.rule_state.clear()
+
+    def grads_unmoved(self) -> bool:
+        """Certain that no backward reached this model since its optimizers' last steps?
+        (False when no optimizer is known: then nothing is certain.)"""
+        marks = self.grad_marks
+        return bool(marks) and all(m.unmoved() for m in marks)
 
     def on_backward(self, record: ForwardRecord) -> None:
         self.evidence += 1
@@ -151,9 +159,13 @@ class GradMark:
         small = [p for p in params if p.numel() <= cls.SMALL] or params
         return cls(root, small[0], small[-1])
 
-    def moved(self) -> bool:
-        """Did a backward maybe reach the parameters since the last call? Records what it
-        read for the next call."""
+    #: What ``moved()`` returns: a new gradient tensor (a backward made it), a moved
+    #: version (a backward, or zero_()/clipping), or neither.
+    NEW, VERSION, NONE = 2, 1, 0
+
+    def moved(self) -> int:
+        """Did a backward maybe reach the parameters since the last call (``NEW``,
+        ``VERSION`` or ``NONE``, true when it maybe did)? Records what it read."""
         g = self.first.grad
         prev = self.g_first
         if g is not prev:
@@ -161,8 +173,8 @@ class GradMark:
             if prev is not None and self.root.grads_persist is None:
                 self.root.grads_persist = False  # replaced or cleared: set_to_none
             if g is not None:
-                self.v_first = -1  # read only if the same tensor comes back (see below)
-                return True
+                self.v_first = g._version
+                return 2
             return self._last_moved()
         if g is None:
             return self._last_moved()
@@ -171,27 +183,35 @@ class GradMark:
             root.grads_persist, root.countdown = True, 0
         v = g._version
         if v != self.v_first:
-            # A moved version, or one not read before (then it may have moved: maybe).
             self.v_first = v
-            return True
+            return 1
         return self._last_moved()
 
-    def _last_moved(self) -> bool:
+    def unmoved(self) -> bool:
+        """Between steps, without recording: is it certain that no backward reached the
+        first parameter since the last step? (A new tensor, or a moved version: maybe.)"""
+        g = self.first.grad
+        if g is None:
+            return True
+        return g is self.g_first and g._version == self.v_first
+
+    def _last_moved(self) -> int:
         last = self.last
         if last is self.first:
-            return False
+            return 0
         g = last.grad
         if g is None:
             self.g_last = None
-            return False
+            return 0
         if g is not self.g_last:
+            # Its record is only as old as the last suspicious step: maybe.
             self.g_last, self.v_last = g, g._version
-            return True
+            return 1
         v = g._version
         if v != self.v_last:
             self.v_last = v
-            return True
-        return False
+            return 1
+        return 0
 
 
 class OptimizerState:
@@ -234,6 +254,10 @@ class OptimizerState:
                 if mark is not None and old is not None and old.first is mark.first and old.last is mark.last:
                     mark = old  # keep what it read at the previous step
                 pairs.append((st, mark))
+                if old is not None and old is not mark:
+                    st.grad_marks = tuple(m for m in st.grad_marks if m is not old)
+                if mark is not None and mark not in st.grad_marks:
+                    st.grad_marks += (mark,)
             self.pairs = pairs
             for st in self._roots:
                 # A pair first seen now (optimizer watched after backwards, or found at its

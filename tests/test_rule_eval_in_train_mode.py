@@ -317,3 +317,64 @@ def test_quiet_for_one_monitoring_forward_per_step():
             with torch.no_grad():
                 model(x).argmax(1)
         assert guard.violations == []
+
+
+# ---- short evaluations, and forwards that return no tensor ----------------------------------
+
+
+def test_two_grad_enabled_batches_in_train_mode_after_training_are_reported():
+    # The first batch looks like a training forward (it is presumed backpropagated); the
+    # second is followed, found unused, and the model's gradients show that no backward
+    # came after the first either.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(3):
+            train_step(model, opt)
+        scores = [model(batch(seed=seed)).argmax(1) for seed in range(2)]
+        assert len(scores) == 2
+        assert len(codes(guard)) == 1
+
+
+def test_two_batches_in_the_middle_of_training_are_reported():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for epoch in range(2):
+            for _ in range(3):
+                train_step(model, opt)
+            for seed in range(2):
+                model(batch(seed=seed)).argmax(1)
+        assert len(codes(guard)) == 1 and codes(guard)[0].count >= 2
+
+
+def test_quiet_for_two_forwards_and_one_backward_through_the_first():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(4):
+            opt.zero_grad()
+            first = F.cross_entropy(model(batch(seed=1)), labels(seed=1))
+            probe = model(batch(seed=2)).argmax(1)  # a monitoring forward, unused
+            first.backward()
+            opt.step()
+            del probe
+        assert codes(guard) == []
+
+
+def test_a_train_mode_forward_that_returns_a_python_number_is_evaluation():
+    class Scorer(MLP):
+        def forward(self, x, y=None):
+            logits = super().forward(x)
+            return logits if y is None else F.cross_entropy(logits, y).item()
+
+    model = Scorer()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(2):
+            train_step(model, opt)
+        for seed in range(2):
+            line = here() + 1
+            model(batch(seed=seed), labels(seed=seed))  # a float: the graph is gone, unused
+        found = codes(guard)
+    assert len(found) == 1 and found[0].location.line == line

@@ -50,12 +50,13 @@ class PresumedForward:
     presumed to be backpropagated. One object per watched model, updated in place, so
     the common forward allocates nothing."""
 
-    __slots__ = ("snapshot", "allowed", "seq")
+    __slots__ = ("snapshot", "allowed", "seq", "activity")
 
     def __init__(self):
         self.snapshot = None
         self.allowed = None
         self.seq = -1
+        self.activity = -1  # ACTIVITY at that forward: what a backward or step since moves
 
 
 #: The graph watches alive now, held weakly: what a report counts as unused when the

@@ -27,6 +27,17 @@ def _threshold(root) -> int:
     return STREAK_AUXILIARY if trains else STREAK
 
 
+def _presumed_just_before_unused(root, record, act) -> bool:
+    """The forward just before this unused one was presumed backpropagated (it looked
+    like training), nothing moved since (no step, no backward seen), and the model's
+    gradients did not move either: it was the first batch of the same evaluation."""
+    p = root.presumed
+    return (
+        p.seq == record.seq - 1 and p.activity == act and p.snapshot is not None
+        and p.snapshot.root_training and bool(p.snapshot.train_sensitive) and root.grads_unmoved()
+    )
+
+
 class _Streaks:
     """This rule's memory of one model: runs of evaluation-like forwards."""
 
@@ -90,6 +101,8 @@ class EvalInTrainMode(Rule):
             s.unused += 1
         else:
             s.unused, s.unused_mark = 1, act
+            if _presumed_just_before_unused(root, record, act):
+                s.unused += 1  # the evaluation's first forward, taken for training
         if s.unused >= _threshold(root) and record.where is not None:
             self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
 
