@@ -26,20 +26,22 @@ _INTERNAL_PREFIXES = (_PKG_DIR, _TORCH_DIR, _WRAPT_DIR)
 # The bundled demo is "user code" for the purpose of pointing at lines.
 _USER_FILES_IN_PKG = (os.path.join(_PKG_DIR, "demo.py"),)
 
+#: co_filename -> internal? Keyed by the file, the only thing the answer depends on (two
+#: equal code objects from different files compare equal, so they cannot be the key).
 _internal_cache: dict = {}
 
 
 def _is_internal(code) -> bool:
-    hit = _internal_cache.get(code)
+    fn = code.co_filename
+    hit = _internal_cache.get(fn)
     if hit is None:
-        fn = code.co_filename
         path = os.path.abspath(fn) if not fn.startswith("<") else fn
         hit = (path.startswith(_INTERNAL_PREFIXES) and path not in _USER_FILES_IN_PKG) or path in _STDLIB_WRAPPERS
         # Entry points run user scripts through runpy; the script's own frames are user
         # code, but runpy's (and other frozen bootstrap code) are not.
         if not hit and (path.endswith(os.sep + "runpy.py") or path.startswith("<frozen")):
             hit = True
-        _internal_cache[code] = hit
+        _internal_cache[fn] = hit
     return hit
 
 

@@ -66,9 +66,13 @@ class SharedPatches:
 
     def acquire(self) -> None:
         with self._lock:
+            if self._users == 0:
+                try:
+                    self._install(self._patches)
+                except BaseException:
+                    self._patches.restore()  # nothing half-installed, and no user counted
+                    raise
             self._users += 1
-            if self._users == 1:
-                self._install(self._patches)
 
     def release(self) -> None:
         with self._lock:

@@ -174,6 +174,30 @@ def test_installed_again_after_the_last_release():
         assert Owner().greet() == "owner"
 
 
+def test_an_install_that_fails_leaves_nothing_and_counts_no_user():
+    class Owner:
+        attr = "original"
+
+    def install(patches):
+        patches.replace(Owner, "attr", "ours")
+        raise RuntimeError("halfway")
+
+    shared = SharedPatches(install)
+    try:
+        shared.acquire()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the install's error must reach the caller")
+    assert Owner.attr == "original" and shared.users == 0
+    calls = []
+    shared._install = lambda patches: (calls.append(1), patches.replace(Owner, "attr", "ours"))
+    shared.acquire()  # the next user tries the install again
+    assert calls == [1] and Owner.attr == "ours"
+    shared.release()
+    assert Owner.attr == "original"
+
+
 def test_users_from_many_threads_install_once():
     Owner, installs, shared = _shared()
     start = threading.Barrier(8)
