@@ -26,7 +26,7 @@ class RootState:
     __slots__ = (
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
-        "countdown", "polls_due", "rule_state",
+        "countdown", "polls_due", "rule_state", "sample_due", "eval_snapshots", "call_watch",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
     )
 
@@ -51,6 +51,11 @@ class RootState:
         self.countdown = 0        # ordinary forwards left before the next followed one
         self.polls_due = guard.poll_interval  # steps with new gradients until the rules' next poll
         self.rule_state: dict = {}  # rule code -> that rule's own record for this model
+        # The next forward's pre-hook path samples the torch calls of an eval-mode forward
+        # (observe/calls.py) when this is set: by a snapshot rebuild with the model in eval.
+        self.sample_due = False
+        self.eval_snapshots = 0   # eval-mode snapshots whose forward came (the sample's bound)
+        self.call_watch = None    # observe.calls.CallWatch, during a sampled forward
         self.handles: list = []
         self.probe_handles: list = []
         self.probes_pending = False
@@ -71,6 +76,7 @@ class RootState:
         self.snapshot = ModeSnapshot(module, guard.config.frozen)
         self.snapshot.step_quiet = guard.step_quiet(self.snapshot)
         self.probes_pending = bool(self.snapshot.needs_probe())
+        self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules)
 
     def disarm(self) -> None:
         if self.pre_handle is not None:
@@ -81,6 +87,8 @@ class RootState:
         """Remove every hook on the model and drop what refers to its graphs (unwatch)."""
         self.active = False
         self.disarm()
+        if self.call_watch is not None:
+            self.call_watch.finish()
         for h in self.handles + self.probe_handles:
             h.remove()
         self.handles, self.probe_handles, self.snapshot, self.source = [], [], None, None
