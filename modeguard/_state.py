@@ -54,7 +54,7 @@ class RootState:
         # The next forward's pre-hook path samples the torch calls of an eval-mode forward
         # (observe/calls.py) when this is set: by a snapshot rebuild with the model in eval.
         self.sample_due = False
-        self.eval_snapshots = 0   # eval-mode snapshots whose forward came (the sample's bound)
+        self.eval_snapshots = 0   # eval-mode snapshots that reached a forward (for the sample's bound)
         self.call_watch = None    # observe.calls.CallWatch, during a sampled forward
         self.handles: list = []
         self.probe_handles: list = []
