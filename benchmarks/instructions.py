@@ -21,7 +21,10 @@ one process, because installing and removing a setup retags ``nn.Module``, which
 reshuffles the method cache for whatever is measured next. Cyclic garbage collection is
 off inside the measured window: it runs wherever allocation counts happen to put it.
 Sampled checks (modeguard follows about one ordinary forward in 16 into autograd, with a
-seeded RNG) are included in the average.
+seeded RNG) are included in the average. Besides the training step and the evaluation
+forward, two phases time an evaluation forward right after ``model.train();
+model.eval()``: with MG202's sample of the forward's torch calls off, and with every such
+forward sampled; their difference is what one sampled eval forward costs.
 
 Valgrind emulates the CPU: torch's kernels may take other code paths than natively (no
 AVX-512, for one), so baseline counts differ from a native run's; the Python code a setup
@@ -46,9 +49,33 @@ import time
 from .report import NAIVE_FRACTION, NAMES
 
 ORDER = ["baseline", "floor", "watch", "auto", "naive", "torcheck"]
-PHASES = ("train", "eval")
+#: train and eval as in ``python -m benchmarks``; then an evaluation forward right after a
+#: mode change (``model.train(); model.eval()``, as a validate() does), once with MG202's
+#: sample of the forward's torch calls off and once with every such forward sampled: the
+#: difference is what one sampled eval forward costs.
+PHASES = ("train", "eval", "switch", "switch_sampled")
+TITLES = {
+    "train": "Training step",
+    "eval": "Evaluation forward",
+    "switch": "Evaluation forward after a mode change, MG202's sample off",
+    "switch_sampled": "Evaluation forward after a mode change, sampled by MG202",
+}
+#: The phases the one-fifth-of-naive target is about.
+TARGET_PHASES = ("train", "eval")
 WARMUP = 30  # uninstrumented steps first: Python's specialising interpreter and torch's caches settle
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _operation(w, phase):
+    if phase in ("train", "eval"):
+        return w.operation(phase)
+
+    def eval_after_mode_change():
+        w.model.train()
+        w.model.eval()
+        w.eval_forward()
+
+    return eval_after_mode_change
 
 
 def _instruments() -> list:
@@ -74,8 +101,10 @@ def _child(workload_name: str, key: str, steps: int, result_path: str) -> None:
     inst.install(w)
     try:
         for phase in PHASES:
-            op = w.operation(phase)
-            w.set_phase(phase)
+            op = _operation(w, phase)
+            w.set_phase("train" if phase == "train" else "eval")
+            if phase.startswith("switch"):
+                inst.sample_eval_forwards(phase == "switch_sampled")
             for _ in range(WARMUP):
                 op()
             gc.collect()
@@ -148,7 +177,7 @@ def summarise(parts: list) -> list:
         keys = [k for k in ORDER if any(p["key"] == k for p in mine)]
         row = {"workload": name, "n_modules": mine[0]["n_modules"], "seeds": sorted({p["seed"] for p in mine}),
                "findings": {k: sum(p["findings"] for p in mine if p["key"] == k) for k in keys}, "phases": {}}
-        for phase in PHASES:
+        for phase in [ph for ph in PHASES if all(ph in p["per_step"] for p in mine)]:
             counts = {k: sorted(p["per_step"][phase] for p in mine if p["key"] == k) for k in keys}
             med = {k: statistics.median(v) for k, v in counts.items()}
             base = counts["baseline"]
@@ -164,6 +193,10 @@ def summarise(parts: list) -> list:
                         of_naive[k] = {"median": cols[k]["added"] / naive["added"],
                                        "worst": cols[k]["added_high"] / max(naive["added_low"], 1.0)}
             row["phases"][phase] = {"setups": cols, "of_naive": of_naive}
+        if "switch" in row["phases"] and "switch_sampled" in row["phases"]:
+            # What one eval forward sampled by MG202 adds, per setup and seed-wise medians.
+            off, on = row["phases"]["switch"]["setups"], row["phases"]["switch_sampled"]["setups"]
+            row["sample_cost"] = {k: on[k]["median"] - off[k]["median"] for k in keys}
         rows.append(row)
     return rows
 
@@ -172,6 +205,8 @@ def targets(rows: list) -> list:
     out = []
     for row in rows:
         for phase, ph in row["phases"].items():
+            if phase not in TARGET_PHASES:
+                continue
             of = ph["of_naive"]
             if "watch" in of and "auto" in of:
                 out.append({"workload": row["workload"], "phase": phase,
@@ -198,7 +233,8 @@ def markdown(result: dict) -> str:
         "range is the noise floor: what the hash seed alone moves.",
         "",
     ]
-    for phase, title in (("train", "Training step"), ("eval", "Evaluation forward")):
+    for phase in [ph for ph in PHASES if ph in result["rows"][0]["phases"]]:
+        title = TITLES[phase]
         keys = [k for k in ORDER if k in result["rows"][0]["phases"][phase]["setups"]]
         added = [k for k in keys if k != "baseline"]
         lines += [f"## {title}", "",
@@ -213,6 +249,20 @@ def markdown(result: dict) -> str:
             cells += [f"{c[k]['added']:+,.0f} ({c[k]['added_low']:+,.0f} to {c[k]['added_high']:+,.0f})" for k in added]
             cells += [f"{ph['of_naive'][k]['median']:.3f}" if k in ph["of_naive"] else "n/a" for k in ("watch", "auto")]
             lines.append(f"| {row['workload']} ({row['n_modules']} modules) | " + " | ".join(cells) + " |")
+        lines.append("")
+    costed = [row for row in result["rows"] if row.get("sample_cost")]
+    if costed:
+        keys = [k for k in ORDER if k in costed[0]["sample_cost"]]
+        lines += ["## MG202: one sampled eval forward", "",
+                  "MG202 looks at the torch calls of the first eval-mode forward of a model after each "
+                  "mode change (its first 16 such forwards, then one in 16), never at a training step, "
+                  "so the evaluation forward above pays it only in its warm-up. What one sampled forward "
+                  "adds: the median of the sampled phase minus that of the same phase with the sample off "
+                  "(the setups without modeguard do the same work in both: their difference is noise).", "",
+                  "| workload | " + " | ".join(NAMES[k] for k in keys) + " |", "|" + "---|" * (1 + len(keys))]
+        for row in costed:
+            c = row["sample_cost"]
+            lines.append(f"| {row['workload']} ({row['n_modules']} modules) | " + " | ".join(f"{c[k]:+,.0f}" for k in keys) + " |")
         lines.append("")
     lines += ["## Target: modeguard's added work at most one fifth of the naive design's", "",
               "Worst = the larger of the two modeguard fractions with modeguard at the top of its range "

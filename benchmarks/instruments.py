@@ -36,6 +36,15 @@ class Instrument:
         """Findings during the run (the benchmark loops are correct: expected 0)."""
         return 0
 
+    def sample_eval_forwards(self, every: bool) -> None:
+        """modeguard setups: sample (MG202) the first eval forward after every mode change
+        (``every``), or none; the benchmark's mode-change phases compare the two."""
+
+
+def _set_eval_sample(guard, every: bool) -> None:
+    # The guard's sample bound (observe/calls.py): every eval-mode snapshot, or none.
+    guard.eval_sample_first, guard.eval_sample_every = (1 << 30, 1) if every else (0, 1 << 30)
+
 
 class Baseline(Instrument):
     pass
@@ -68,6 +77,9 @@ class ModeguardWatch(Instrument):
     def violations(self) -> int:
         return self._found
 
+    def sample_eval_forwards(self, every: bool) -> None:
+        _set_eval_sample(self.guard, every)
+
 
 class ModeguardAuto(Instrument):
     key = "auto"
@@ -85,6 +97,9 @@ class ModeguardAuto(Instrument):
 
     def violations(self) -> int:
         return self._found
+
+    def sample_eval_forwards(self, every: bool) -> None:
+        _set_eval_sample(auto.current(), every)
 
 
 class NaiveReference(Instrument):

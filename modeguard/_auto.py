@@ -155,6 +155,10 @@ class AutoSession:
         # hooks would also run when it is called inside another root (double reports).
         guard.watch_model(module, name=name, hooks=False)
         st = guard.root_state(module)
+        if st.sample_due:
+            # Found in eval mode: its first call takes the pre-hook path, like the first
+            # call after a mode change, so that MG202 samples it (observe/calls.py).
+            st.epoch = -1
         self.root_names.append(st.name)
         for path, sub in module.named_modules():
             if path:

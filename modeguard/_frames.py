@@ -7,11 +7,14 @@ so the walk is a few dict lookups even on the hot path.
 
 from __future__ import annotations
 
+import ast
+import itertools
+import linecache
 import os
 import sys
 import sysconfig
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import wrapt
@@ -75,6 +78,18 @@ def user_frame(depth: int = 1):
     return f
 
 
+def user_frame_from(frame):
+    """The nearest frame outside modeguard/torch, starting at ``frame`` itself."""
+    f = frame
+    while f is not None and _is_internal(f.f_code):
+        f = f.f_back
+    return f
+
+
+def is_internal_frame(frame) -> bool:
+    return _is_internal(frame.f_code)
+
+
 def user_code_line(depth: int = 1):
     """Cheap hot-path capture: (code object, line) of the user's frame; no frame kept."""
     f = user_frame(depth + 1)
@@ -104,3 +119,64 @@ def stack_has_function(names: set, filename_part: str = "") -> bool:
             return True
         f = f.f_back
     return False
+
+
+# ---- what a call site spells out (slow path) ---------------------------------------------
+
+class CallShape(NamedTuple):
+    """The arguments a call expression writes out: positional ones, keyword names, and
+    whether it unpacks ``*args``/``**kwargs`` (then anything may have been passed)."""
+
+    positional: int
+    keywords: frozenset
+    unpacks: bool
+
+
+_calls_cache: dict = {}  # filename -> (the linecache lines it was parsed from, {span: Call})
+
+
+def _calls_in(filename: str):
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    hit = _calls_cache.get(filename)
+    if hit is not None and hit[0] is lines:
+        return hit[1]
+    try:
+        tree = ast.parse("".join(lines), filename)
+    except (SyntaxError, ValueError):
+        return None
+    spans = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            spans[(node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)] = node
+    _calls_cache[filename] = (lines, spans)
+    return spans
+
+
+def call_shape(frame, name: str = "") -> Optional[CallShape]:
+    """Slow path: the shape of the call ``frame`` is making right now, read from its source;
+    None where the source or the call cannot be found. On Python 3.11+ the instruction's
+    position names the call exactly; before that, the one call of a function called
+    ``name`` on the current line is taken."""
+    code = frame.f_code
+    spans = _calls_in(code.co_filename)
+    if spans is None:
+        return None
+    node = None
+    if hasattr(code, "co_positions"):
+        pos = next(itertools.islice(code.co_positions(), frame.f_lasti // 2, None), None)
+        node = spans.get(pos) if pos is not None else None
+    else:  # pragma: no cover - Python < 3.11
+        line = frame.f_lineno
+        found = [n for (start, end, _, _), n in spans.items() if start <= line <= end and _callee_name(n) == name]
+        node = found[0] if len(found) == 1 else None
+    if node is None:
+        return None
+    unpacks = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
+    return CallShape(len(node.args), frozenset(k.arg for k in node.keywords if k.arg is not None), unpacks)
+
+
+def _callee_name(node: ast.Call) -> str:
+    func = node.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")

@@ -29,6 +29,7 @@ from ._hotpath import arm, drain_released, make_post_hook, make_step_pre_hook
 from ._markers import ALLOWED
 from ._state import OptimizerState, RootState
 from .observe import modes, sensitivity
+from .observe.calls import EVAL_SAMPLE_EVERY, EVAL_SAMPLE_FIRST
 from .observe.graph import ACTIVITY, RELEASED, judge_live
 from .observe.modes import PATCHES
 from .observe.pickling import mark
@@ -109,6 +110,16 @@ class Guard:
         self.step_rules = [r for r in enabled if overrides(r, "on_step")]
         self.poll_rules = [r for r in enabled if overrides(r, "on_poll")]
         self.poll_interval = min((r.poll_interval for r in self.poll_rules), default=1 << 30)
+        # torch function -> the rules that look at its calls in sampled eval-mode forwards
+        # (observe/calls.py); empty: no forward is ever sampled.
+        self.eval_call_rules: dict = {}
+        for r in enabled:
+            if overrides(r, "on_eval_call"):
+                for fn in r.eval_calls:
+                    self.eval_call_rules[fn] = self.eval_call_rules.get(fn, ()) + (r,)
+        # The sample's bound: every eval-mode snapshot of a model up to the first this many,
+        # then one in this many (observe.calls.sample_due).
+        self.eval_sample_first, self.eval_sample_every = EVAL_SAMPLE_FIRST, EVAL_SAMPLE_EVERY
         self._frozen_modules = weakref.WeakSet(frozen_modules)
         self._active = config.active
         if self._active:

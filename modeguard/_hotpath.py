@@ -9,7 +9,8 @@ read for overhead.
   ordinary ones, is followed into autograd (``follow``); a no_grad forward goes to the
   rules that subscribe to it.
 - ``make_pre_hook``/``arm``: a one-shot forward pre-hook, present only after a mode or
-  structure change, that rebuilds the snapshot and places probes before the next forward.
+  structure change, that rebuilds the snapshot and places probes before the next forward,
+  and, for a model in eval, has that forward's torch calls looked at (``observe/calls.py``).
 - ``before_step``: the optimizer step pre-hook. Finds the models with new gradients and,
   in the same loop, whether every one of them comes from a snapshot that no step rule has
   anything to say about; then no rule is called.
@@ -26,6 +27,7 @@ import torch
 
 from ._frames import user_code_line
 from ._markers import ALLOWED
+from .observe import calls
 from .observe.graph import ACTIVITY, PLAIN, RELEASED, ForwardRecord, attach, holds_no_graph, output_grad_fns
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.pickling import mark
@@ -71,6 +73,8 @@ def make_pre_hook(st):
             install_probes(st, args)
         if not st.probes_pending and st.pre_handle is not None:
             st.disarm()
+        if st.sample_due:
+            calls.begin(st, module)  # MG202: this eval-mode forward's torch calls are looked at
 
     return modeguard_forward_pre_hook
 

@@ -26,7 +26,7 @@ class RootState:
     __slots__ = (
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable", "grad_marks",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
-        "countdown", "grads_persist", "polls_due", "rule_state",
+        "countdown", "grads_persist", "polls_due", "rule_state", "sample_due", "eval_snapshots", "call_watch",
         "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
     )
 
@@ -55,6 +55,11 @@ class RootState:
         self.polls_due = guard.poll_interval  # steps with new gradients until the rules' next poll
         self.rule_state: dict = {}  # rule code -> that rule's own record for this model
         self.grad_marks: tuple = ()  # the GradMarks of the optimizers that train it
+        # The next forward's pre-hook path samples the torch calls of an eval-mode forward
+        # (observe/calls.py) when this is set: by a snapshot rebuild with the model in eval.
+        self.sample_due = False
+        self.eval_snapshots = 0   # eval-mode snapshots that reached a forward (for the sample's bound)
+        self.call_watch = None    # observe.calls.CallWatch, during a sampled forward
         self.handles: list = []
         self.probe_handles: list = []
         self.probes_pending = False
@@ -77,6 +82,7 @@ class RootState:
         self.snapshot = ModeSnapshot(module, guard.config.frozen)
         self.snapshot.step_quiet = guard.step_quiet(self.snapshot)
         self.probes_pending = bool(self.snapshot.needs_probe())
+        self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules)
 
     def disarm(self) -> None:
         if self.pre_handle is not None:
@@ -87,6 +93,8 @@ class RootState:
         """Remove every hook on the model and drop what refers to its graphs (unwatch)."""
         self.active = False
         self.disarm()
+        if self.call_watch is not None:
+            self.call_watch.finish()
         for h in self.handles + self.probe_handles:
             h.remove()
         self.handles, self.probe_handles, self.snapshot, self.source = [], [], None, None

@@ -76,6 +76,28 @@ def test_target_is_missed_when_modeguard_adds_more_than_a_fifth():
     assert "randomisation off (setarch -R)" in text
 
 
+def test_the_cost_of_a_sampled_eval_forward_is_the_difference_of_the_mode_change_phases():
+    def part(key, seed, off, on):
+        p = _part(key, seed, 1_200_000 if key == "naive" else 1_000_000, 300_000 if key == "naive" else 200_000)
+        p["per_step"].update(switch=off, switch_sampled=on)
+        return p
+
+    parts = [part("baseline", 0, 300_000, 300_100), part("watch", 0, 400_000, 650_000),
+             part("auto", 0, 380_000, 600_000), part("naive", 0, 500_000, 500_000)]
+    (row,) = instructions.summarise(parts)
+    assert row["sample_cost"] == {"baseline": 100, "watch": 250_000, "auto": 220_000, "naive": 0}
+    targets = instructions.targets([row])
+    assert [t["phase"] for t in targets] == ["train", "eval"]  # the target is about those two
+    text = instructions.markdown({
+        "meta": {"date": "d", "total_seconds": 1, "valgrind": "valgrind-x", "platform": "p", "torch": "t",
+                 "python": "3", "modeguard": "0", "modeguard_commit": "c", "fixed_layout": True},
+        "steps": 8, "seeds": [0], "rows": [row], "targets": targets,
+    })
+    assert "## Evaluation forward after a mode change, sampled by MG202" in text
+    assert "## MG202: one sampled eval forward" in text
+    assert "| mlp (11 modules) | +100 | +250,000 | +220,000 | +0 |" in text
+
+
 def test_without_valgrind_it_says_what_is_missing(monkeypatch, capsys):
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name in ("valgrind", "vgdb") else real_which(name))

@@ -4,12 +4,13 @@ import below registers it. ``RULES`` maps codes to rule objects, in code order."
 from ._base import RULES, Rule
 from .step_in_eval import StepInEval
 from .eval_in_train_mode import EvalInTrainMode
+from .dropout_ignores_eval import DropoutIgnoresEval
 from .frozen_bn_drift import FrozenBNDrift
 from .eval_graph_unused import EvalGraphUnused
 from .step_without_backward import StepWithoutBackward
 
 __all__ = [
-    "RULES", "Rule", "StepInEval", "EvalInTrainMode", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward",
+    "RULES", "Rule", "StepInEval", "EvalInTrainMode", "DropoutIgnoresEval", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward",
     "get_rule", "rule_code",
 ]
 

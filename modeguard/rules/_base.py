@@ -67,6 +67,18 @@ class Rule:
         its rules ask for."""
         return self.poll_interval
 
+    #: Torch functions whose calls this rule looks at in sampled eval-mode forwards
+    #: (``on_eval_call``).
+    eval_calls: ClassVar[tuple] = ()
+
+    def on_eval_call(self, guard, root, watch, func, args, kwargs) -> None:
+        """A function of ``eval_calls`` is being called inside a sampled eval-mode forward of
+        ``root``: the first forward after each change of its snapshot with the model in eval
+        (``observe/calls.py``); training forwards are never sampled. ``args``/``kwargs`` are
+        the call's, as torch's ``__torch_function__`` protocol hands them over; ``watch`` is
+        the sample's ``CallWatch`` (its ``model_frame`` finds the model's module on the
+        stack). Runs on the slow path: the frames may be walked."""
+
     def on_step(self, guard, opt_state, fresh, roots, backward_seen: bool) -> None:
         """Before ``optimizer.step()`` of a watched optimizer (for ``step(closure)``:
         when the closure first returns, still before the update). ``roots`` are the
