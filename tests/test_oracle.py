@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 import modeguard
@@ -403,15 +403,20 @@ def streak_needed(trained: bool) -> int:
     return 2 if trained else 8
 
 
-def expect_step_in_eval(events, facts: Facts) -> Dict[int, Tuple[set, set]]:
+def expect_step_in_eval(events, facts: Facts, known_bugs=frozenset()) -> Dict[int, Tuple[set, set]]:
     """MG101, per step that applies gradients: (modules that must be reported, modules
-    that may be: none yet). The offenders are the sensitive modules in eval in the forward the step
+    that may be). The offenders are the sensitive modules in eval in the forward the step
     applies that are not frozen on purpose: a module with parameters of its own is frozen
     when none requires grad as the step runs; a parameter-free one when its input did not
     require grad (and was not the model's own input) in that forward."""
     steps = {}
     for k, i in applied_steps(events):
-        steps[k] = (offenders(events[k], events[i], events[i].inputs, facts), set())
+        fresh = offenders(events[k], events[i], events[i].inputs, facts)
+        if "one-shot-probe" in known_bugs:
+            seen = offenders(events[k], events[i], probed_inputs(events, i), facts)
+            steps[k] = (fresh & seen, fresh ^ seen)
+        else:
+            steps[k] = (fresh, set())
     return steps
 
 
@@ -425,6 +430,15 @@ def offenders(step: Event, fwd: Event, inputs: Dict[str, List[bool]], facts: Fac
         if not frozen:
             found.add(name or "(root)")
     return found
+
+
+def probed_inputs(events, i: int) -> Dict[str, List[bool]]:
+    """KNOWN BUG "one-shot-probe": what modeguard reads instead of forward i's inputs,
+    its probe's one reading per snapshot: the first call of each module in the first
+    grad-enabled forward since the snapshot forward i ran under was built."""
+    since = max(r for r in snapshot_rebuilds(events) if r <= i)
+    first = next(k for k in range(since, i + 1) if events[k].grad)
+    return {name: calls[:1] for name, calls in events[first].inputs.items()}
 
 
 def expect_eval_in_train_mode(events, facts: Facts) -> Optional[bool]:
@@ -521,10 +535,10 @@ def expect_dropout_ignoring_eval(events, facts: Facts) -> bool:
     return False
 
 
-def expected_codes(run: Run, facts: Facts) -> Dict[str, Optional[bool]]:
+def expected_codes(run: Run, facts: Facts, known_bugs=frozenset()) -> Dict[str, Optional[bool]]:
     """Each rule's verdict: True (must be reported), False (must not), None (either)."""
     ev = run.events
-    steps = expect_step_in_eval(ev, facts).values()
+    steps = expect_step_in_eval(ev, facts, known_bugs).values()
     return {
         "MG101": True if any(must for must, _ in steps) else None if any(may for _, may in steps) else False,
         "MG201": expect_eval_in_train_mode(ev, facts),
@@ -591,10 +605,10 @@ def assert_unchanged(model, opt, run: Run, twin, truth: Run) -> None:
     assert _hooks_left(model, opt) == []
 
 
-def assert_findings(found, truth: Run, facts: Facts) -> None:
+def assert_findings(found, truth: Run, facts: Facts, known_bugs) -> None:
     """The codes reported, and MG101's modules step by step, against the reference model."""
     codes = {code for _, code, _ in found}
-    expected = expected_codes(truth, facts)
+    expected = expected_codes(truth, facts, known_bugs)
     note(f"expected: {expected}, reported: {sorted(codes)}")
     for code, verdict in expected.items():
         event(f"{code}: {'either' if verdict is None else 'expected' if verdict else 'not expected'}")
@@ -602,16 +616,16 @@ def assert_findings(found, truth: Run, facts: Facts) -> None:
     wrong = {code: verdict for code, verdict in expected.items() if verdict is not None and (code in codes) != verdict}
     assert not wrong, f"reported {sorted(codes)}, but the reference model says {wrong}"
     mg101 = {k: set(mods) for k, code, mods in found if code == "MG101"}
-    for k, (must, may) in expect_step_in_eval(truth.events, facts).items():
+    for k, (must, may) in expect_step_in_eval(truth.events, facts, known_bugs).items():
         got = mg101.pop(k, set())
         assert must <= got <= must | may, \
             f"MG101 at op {k} named {sorted(got)}; the reference model: {sorted(must)} (or also {sorted(may)})"
     assert not mg101, f"MG101 at ops that apply no gradients: {mg101}"
 
 
-def check(program: Program) -> None:
+def check(program: Program, known_bugs=frozenset()) -> None:
     """Run ``program`` on a twin and under modeguard; assert the invariants and the
-    reference model's verdicts."""
+    reference model's verdicts (allowing for ``known_bugs``)."""
     assert not modes.is_patched(), "a guard from before this example is still watching"
     twin, model = build(program.tree, program.seed), build(program.tree, program.seed)
     twin_opt, opt = _make_optimizer(twin), _make_optimizer(model)
@@ -628,7 +642,45 @@ def check(program: Program) -> None:
     note(f"found: {found}")
     assert_unchanged(model, opt, run, twin, truth)
     assert _global_hooks() == global_hooks
-    assert_findings(found, truth, facts)
+    assert_findings(found, truth, facts, known_bugs)
+
+
+#: Bugs the oracle found in today's modeguard, allowed for in random programs (the
+#: reference model says "either" where one shows) and kept below as failing examples.
+KNOWN_BUGS = frozenset({"one-shot-probe"})
+
+#: KNOWN BUG "one-shot-probe", a miss: a Dropout in eval after a frozen Linear, then the
+#: Linear is unfrozen with no mode change; the step trains through the Dropout in eval.
+STALE_PROBE_MISS = Program(
+    tree=(("linear",), ("dropout", 0.5), ("linear",)),
+    ops=(("requires_grad", 1, False), ("eval", 0), ("forward", "grad"), ("backward",), ("step",),
+         ("requires_grad", 1, True), ("forward", "grad"), ("backward",), ("step",)),
+)
+#: ... a false alarm: the same Dropout, trained through first, then the Linear before it
+#: is frozen (a frozen extractor now): the second step is still reported.
+STALE_PROBE_FALSE_ALARM = Program(
+    tree=(("linear",), ("dropout", 0.5), ("linear",)),
+    ops=(("eval", 0), ("forward", "grad"), ("backward",), ("step",),
+         ("requires_grad", 1, False), ("forward", "grad"), ("backward",), ("step",)),
+)
+#: ... the same miss as the generator found it (shrunk): the whole model frozen, so the
+#: first step has no backward (MG602); unfrozen, the second step trains the Dropout in eval.
+STALE_PROBE_MISS_FOUND = Program(
+    tree=(("linear",), ("dropout", 0.5)),
+    ops=(("requires_grad", 0, False), ("train", 0), ("train", 0), ("eval", 0), ("zero_grad",), ("forward", "grad"),
+         ("backward",), ("step",), ("requires_grad", 0, True), ("zero_grad",), ("forward", "grad"), ("backward",),
+         ("step",)),
+)
+#: ... a miss: one Dropout used twice, first after a frozen Linear, then after a trained
+#: one; only its first call is looked at.
+SHARED_PROBE_MISS = Program(
+    tree=(("linear",), ("dropout", 0.5), ("linear",), ("shared", 1), ("linear",)),
+    ops=(("requires_grad", 1, False), ("eval", 0), ("forward", "grad"), ("backward",), ("step",)),
+)
+
+
+_ONE_SHOT_PROBE = ("one-shot-probe: MG101 judges a parameter-free module in eval by its input's requires_grad "
+                   "in one call: the first, in the first grad-enabled forward after a mode change")
 
 
 @settings(
@@ -638,6 +690,12 @@ def check(program: Program) -> None:
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-@given(program=programs)
-def test_random_programs_against_the_reference_model(program):
-    check(program)
+# Random programs allow for the known bugs; the examples that show them allow for none
+# and must fail (hypothesis's xfail is strict: an example that passes fails the test).
+@given(program=programs, known_bugs=st.just(KNOWN_BUGS))
+@example(program=STALE_PROBE_MISS, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
+@example(program=STALE_PROBE_MISS_FOUND, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
+@example(program=STALE_PROBE_FALSE_ALARM, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
+@example(program=SHARED_PROBE_MISS, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
+def test_random_programs_against_the_reference_model(program, known_bugs):
+    check(program, known_bugs)
