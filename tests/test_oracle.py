@@ -7,7 +7,7 @@ program over it (``train()``/``eval()`` on any module, ``.training =``, ``requir
 flips, forwards under grad/no_grad/inference_mode, backwards, skipped backwards, freed
 graphs, ``zero_grad()`` and steps). The program runs twice: on an unwatched twin, whose
 run records what really happened (the trace), and under ``modeguard.watch`` with
-``backward_sample=1``. The reference model below reads only the trace and says which
+the default settings (no forward sampled). The reference model below reads only the trace and says which
 rules must be reported; on every example, modeguard must raise nothing, change nothing
 (outputs, parameters, buffers and gradients equal the twin's), keep ``mode_map()`` equal
 to the real flags, and leave no hook or patch behind.
@@ -35,10 +35,10 @@ from modeguard.observe import modes
 EXAMPLES = 1000  # a fixed number, for a predictable run time (about 20 s on 2 cores)
 D, N = 4, 6  # every layer maps D features to D; batches of N rows (BatchNorm needs N > 1)
 
-#: Every forward is followed into autograd, so a skipped backward is certain (MG602) and
-#: two grad-enabled evaluation forwards are enough (MG201). Once MG602 is exact at every
-#: step and short evaluations are recognised at the default sampling, this becomes None.
-BACKWARD_SAMPLE = 1
+#: The default: no ordinary training forward is followed into autograd. A skipped
+#: backward is still certain (MG602 reads the gradients at every step), and two
+#: grad-enabled evaluation forwards are enough (MG201).
+BACKWARD_SAMPLE = None
 
 
 @pytest.fixture(autouse=True)
@@ -337,7 +337,7 @@ def _event(op, model, **kw) -> Event:
 # returns True (must be reported), False (must not be), or None where today's modeguard
 # promises neither (said why at the spot). Where it is tightened for the changes under way:
 #
-# - MG602 exact at every step: BACKWARD_SAMPLE = None; expect_step_without_backward stays.
+# - MG602 exact at every step: done (BACKWARD_SAMPLE = None); expect_step_without_backward.
 # - short grad-enabled evaluations recognised at any sampling: the unused-graph half of
 #   expect_eval_in_train_mode (and streak_needed, if the counts change).
 # - graphs still alive at report time: unused_graphs counts run.pending too.
@@ -517,7 +517,7 @@ def expect_eval_graph_unused(run: Run) -> bool:
 
 def expect_step_without_backward(events) -> bool:
     """MG602: a step with no backward since the previous step (or since watch()). Exact
-    only because every forward is followed (BACKWARD_SAMPLE = 1)."""
+    at the default settings: the step reads the gradients."""
     backward = False
     for ev in events:
         if ev.uses is not None:
