@@ -254,6 +254,9 @@ class OptimizerState:
             self._struct, self._version = STRUCTURE_EPOCH[0], guard.roots_version
             self.seen = {st: n for st, n in self.seen.items() if st in self._roots}
             marks = {st: mark for st, mark in self.pairs if mark is not None}
+            for st, old in marks.items():
+                if st not in self._roots:  # a model this optimizer no longer trains
+                    st.grad_marks = tuple(m for m in st.grad_marks if m is not old)
             pairs = []
             for st in self._roots:
                 trained = [p for g in groups for p in g["params"] if id(p) in st.param_ids and p.requires_grad]
@@ -266,11 +269,10 @@ class OptimizerState:
                     st.grad_marks = tuple(m for m in st.grad_marks if m is not old)
                 if mark is not None and mark not in st.grad_marks:
                     st.grad_marks += (mark,)
-            self.pairs = pairs
-            for st in self._roots:
                 # A pair first seen now (optimizer watched after backwards, or found at its
                 # first step in automatic mode): give the latest backward to this step.
                 self.seen.setdefault(st, max(st.evidence - 1, 0))
+            self.pairs = pairs
         return self._roots
 
     def release(self) -> None:
