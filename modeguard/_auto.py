@@ -107,9 +107,9 @@ class AutoSession:
                     return orig(self, *args, **kwargs)
                 st = entry.st
                 # The pre-hook has work only after a mode or structure change, or with
-                # probes to place; the same test as in it, without the call.
-                if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch or st.probes_pending:
-                    entry.pre(self, args)
+                # modules to probe; the same test as in it, without the call.
+                if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch or st.probing:
+                    entry.pre(self, args, kwargs)
                 output = self._call_impl(*args, **kwargs) if direct else orig(self, *args, **kwargs)
                 entry.post(self, args, output)
                 return output

@@ -8,9 +8,11 @@ read for overhead.
   writes, no allocation. Every other grad-enabled forward, and a random sample of the
   ordinary ones, is followed into autograd (``follow``); a no_grad forward goes to the
   rules that subscribe to it.
-- ``make_pre_hook``/``arm``: a one-shot forward pre-hook, present only after a mode or
-  structure change, that rebuilds the snapshot and places probes before the next forward,
-  and, for a model in eval, has that forward's torch calls looked at (``observe/calls.py``).
+- ``make_pre_hook``/``arm``: a forward pre-hook, present only after a mode or structure
+  change, that rebuilds the snapshot before the next forward; it stays while the model
+  has parameter-free sensitive modules in eval, to probe its grad-enabled forwards
+  (``observe/inputs.py``), and, for a model in eval, has the next forward's torch calls
+  looked at (``observe/calls.py``).
 - ``before_step``: the optimizer step pre-hook. Finds the models with new gradients and,
   in the same loop, whether every one of them comes from a snapshot that no step rule has
   anything to say about; then no rule is called.
@@ -27,7 +29,7 @@ import torch
 
 from ._frames import user_code_line
 from ._markers import ALLOWED
-from .observe import calls
+from .observe import calls, inputs
 from .observe.graph import ACTIVITY, PLAIN, RELEASED, ForwardRecord, attach, holds_no_graph, output_grad_fns
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.pickling import mark
@@ -53,57 +55,33 @@ def drain_released() -> None:
 # ---- forwards ---------------------------------------------------------------------------
 
 def arm(st) -> None:
-    """A mode or the structure changed: before the next forward, rebuild the snapshot
-    and install probes. The pre-hook exists only until then, because any forward
-    pre-hook sends every call of the model down PyTorch's slower hook path."""
+    """A mode or the structure changed: before the next forward, rebuild the snapshot.
+    The pre-hook stays only while the snapshot has modules to probe (``observe/inputs.py``),
+    because any forward pre-hook sends every call of the model down PyTorch's slower hook
+    path; for the ordinary training model it is gone after one forward."""
     if st.pre_handle is None and st.hooked and st.active:
         m = st.ref()
         if m is not None:
-            st.pre_handle = m.register_forward_pre_hook(mark(make_pre_hook(st)), prepend=True)
+            st.pre_handle = m.register_forward_pre_hook(mark(make_pre_hook(st)), prepend=True, with_kwargs=True)
 
 
 def make_pre_hook(st):
-    """Before a forward, only when armed (watch()) or on every outermost call (auto):
-    catch up with mode changes, and place the probes that must see this forward."""
+    """Before a forward, only when armed (watch()) or when the same test says so (auto):
+    catch up with mode changes, and probe the grad-enabled forwards that need it."""
 
-    def modeguard_forward_pre_hook(module, args):
+    def modeguard_forward_pre_hook(module, args, kwargs):
         if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
             st.rescan(module)
-        if st.probes_pending and torch.is_grad_enabled():
-            install_probes(st, args)
-        if not st.probes_pending and st.pre_handle is not None:
+        if st.probing:
+            if torch.is_grad_enabled():
+                inputs.begin(st, module, args, kwargs)
+        elif st.pre_handle is not None:
             st.disarm()
         if st.sample_due:
             calls.begin(st, module)  # MG202: this eval-mode forward's torch calls are looked at
+        return None
 
     return modeguard_forward_pre_hook
-
-
-def install_probes(st, root_args=()) -> None:
-    """One-shot pre-hooks on parameter-free sensitive modules in eval, to learn in the
-    next grad-enabled forward whether their input requires grad (frozen extractor).
-    A module fed the model's own input (an input-layer Dropout) is never part of a
-    frozen extractor, whatever the data's requires_grad."""
-    st.probes_pending = False
-    snap = st.snapshot
-    inputs = {id(a) for a in root_args if isinstance(a, torch.Tensor)}
-    for i, entry in snap.needs_probe():
-        m = entry.ref()
-        if m is None:
-            continue
-        cell: list = []
-
-        def probe(mod, args, _i=i, _cell=cell, _snap=snap, _inputs=inputs):
-            if torch.is_grad_enabled():
-                _snap.probe[_i] = any(
-                    isinstance(a, torch.Tensor) and (a.requires_grad or id(a) in _inputs) for a in args
-                )
-                if _cell:
-                    _cell[0].remove()
-
-        h = m.register_forward_pre_hook(mark(probe))
-        cell.append(h)
-        st.probe_handles.append(h)
 
 
 def make_post_hook(guard, st):
@@ -140,6 +118,7 @@ def make_post_hook(guard, st):
 
 def follow(guard, st, snap, output, act) -> None:
     """Tie this forward to its backward, or learn that its graph was freed unused."""
+    probe = inputs.take(st) if st.probe_session is not None else None
     nodes = output_grad_fns(output)
     if not nodes:
         if st.has_trainable and holds_no_graph(output):
@@ -153,7 +132,7 @@ def follow(guard, st, snap, output, act) -> None:
     # The user's line is needed only if this forward may turn out to be evaluation:
     # eval mode, or no backward/step since the previous one.
     where = user_code_line(2) if (not snap.root_training or act == st.prev_forward_activity) else None
-    attach(ForwardRecord(st, snap, where, ALLOWED.get(), st.fwd_seq), nodes, st.on_backward)
+    attach(ForwardRecord(st, snap, where, ALLOWED.get(), st.fwd_seq, probe), nodes, st.on_backward)
 
 
 # ---- optimizer steps --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .observe import modes
+from .observe import inputs, modes
 from .observe.graph import ACTIVITY, ForwardRecord, PresumedForward
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
@@ -27,7 +27,7 @@ class RootState:
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable", "grad_marks",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
         "countdown", "grads_persist", "polls_due", "rule_state", "sample_due", "eval_snapshots", "call_watch",
-        "handles", "probe_handles", "probes_pending", "active", "hooked", "pre_handle", "__weakref__",
+        "handles", "probing", "probe_session", "active", "hooked", "pre_handle", "__weakref__",
     )
 
     def __init__(self, guard, module: nn.Module, name: str):
@@ -61,8 +61,10 @@ class RootState:
         self.eval_snapshots = 0   # eval-mode snapshots that reached a forward (for the sample's bound)
         self.call_watch = None    # observe.calls.CallWatch, during a sampled forward
         self.handles: list = []
-        self.probe_handles: list = []
-        self.probes_pending = False
+        # Whether every grad-enabled forward is probed (the snapshot has parameter-free
+        # sensitive modules in eval), and the probes of the forward under way.
+        self.probing = False
+        self.probe_session = None
         self.active = True
         self.hooked = False      # True when the model carries our hooks (watch(), not auto)
         self.pre_handle = None   # the one-shot pre-hook, while armed
@@ -70,9 +72,7 @@ class RootState:
 
     def rescan(self, module: nn.Module) -> None:
         """Slow path: a mode or the structure changed somewhere."""
-        for h in self.probe_handles:
-            h.remove()
-        self.probe_handles = []
+        inputs.take(self)
         if self.struct_epoch != STRUCTURE_EPOCH[0] or not self.param_ids:
             self.param_ids = frozenset(id(p) for p in module.parameters())
         # Read again at every rescan: requires_grad flips have no hook.
@@ -81,7 +81,7 @@ class RootState:
         guard = self.guard
         self.snapshot = ModeSnapshot(module, guard.config.frozen)
         self.snapshot.step_quiet = guard.step_quiet(self.snapshot)
-        self.probes_pending = bool(self.snapshot.needs_probe())
+        self.probing = bool(self.snapshot.probed)
         self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules)
 
     def disarm(self) -> None:
@@ -95,9 +95,10 @@ class RootState:
         self.disarm()
         if self.call_watch is not None:
             self.call_watch.finish()
-        for h in self.handles + self.probe_handles:
+        inputs.take(self)
+        for h in self.handles:
             h.remove()
-        self.handles, self.probe_handles, self.snapshot, self.source = [], [], None, None
+        self.handles, self.snapshot, self.source = [], None, None
         self.grad_marks = ()
         self.presumed.snapshot = self.presumed.allowed = None
         self.rule_state.clear()
@@ -154,18 +155,23 @@ class GradMark:
 
     SMALL = 4096
 
-    __slots__ = ("root", "first", "last", "g_first", "v_first", "g_last", "v_last")
+    __slots__ = ("root", "params", "first", "last", "g_first", "v_first", "g_last", "v_last")
 
-    def __init__(self, root, first, last):
+    def __init__(self, root, params, first, last):
         self.root = root
+        self.params = params  # the optimizer's parameters of the model (it holds them too)
         self.first, self.last = first, last
         self.g_first = self.g_last = None
         self.v_first = self.v_last = -1
 
     @classmethod
-    def over(cls, root, params: list) -> "GradMark":
-        small = [p for p in params if p.numel() <= cls.SMALL] or params
-        return cls(root, small[0], small[-1])
+    def over(cls, root, params: list) -> Optional["GradMark"]:
+        """A mark over the parameters of ``params`` that require grad, or None if none does."""
+        live = [p for p in params if p.requires_grad]
+        if not live:
+            return None
+        small = [p for p in live if p.numel() <= cls.SMALL] or live
+        return cls(root, params, small[0], small[-1])
 
     #: What ``moved()`` returns: a new gradient tensor (a backward made it), a moved
     #: version (a backward, or zero_()/clipping), or neither.
@@ -174,6 +180,26 @@ class GradMark:
     def moved(self) -> int:
         """Did a backward maybe reach the parameters since the last call (``NEW``,
         ``VERSION`` or ``NONE``, true when it maybe did)? Records what it read."""
+        r = self._moved()
+        if r == 0 and not (self.first.requires_grad and self.last.requires_grad):
+            return self._repick()
+        return r
+
+    def _repick(self) -> int:
+        """A parameter read here was frozen since the mark was made, so it tells nothing:
+        read two that still require grad. Their gradients have no record yet: one that is
+        there may be new (maybe); none there means no backward since the last step."""
+        live = [p for p in self.params if p.requires_grad]
+        if not live:
+            return 0  # nothing left to train: no backward can have reached it
+        small = [p for p in live if p.numel() <= self.SMALL] or live
+        self.first, self.last = small[0], small[-1]
+        g, h = self.first.grad, self.last.grad
+        self.g_first, self.v_first = g, (g._version if g is not None else -1)
+        self.g_last, self.v_last = h, (h._version if h is not None else -1)
+        return 1 if g is not None or h is not None else 0
+
+    def _moved(self) -> int:
         g = self.first.grad
         prev = self.g_first
         if g is not prev:
@@ -259,8 +285,7 @@ class OptimizerState:
                     st.grad_marks = tuple(m for m in st.grad_marks if m is not old)
             pairs = []
             for st in self._roots:
-                trained = [p for g in groups for p in g["params"] if id(p) in st.param_ids and p.requires_grad]
-                mark = GradMark.over(st, trained) if trained else None
+                mark = GradMark.over(st, [p for g in groups for p in g["params"] if id(p) in st.param_ids])
                 old = marks.get(st)
                 if mark is not None and old is not None and old.first is mark.first and old.last is mark.last:
                     mark = old  # keep what it read at the previous step

@@ -227,8 +227,9 @@ class Event:
     training: Dict[str, bool]       # module name -> .training after the op
     requires_grad: Dict[str, bool]  # parameter name -> requires_grad after the op
     grad: Optional[bool] = None     # a forward: grad-enabled?
-    # A forward, per module call: its input required grad, or was the model's own input.
-    inputs: Dict[str, List[bool]] = field(default_factory=dict)
+    # A forward, per module call: (its input required grad, it was fed the model's own
+    # input through modules without parameters only).
+    inputs: Dict[str, List[Tuple[bool, bool]]] = field(default_factory=dict)
     uses: Optional[int] = None      # a backward: the forward (event index) it went through
     frees: Optional[int] = None     # the forward whose graph this op freed without a backward
 
@@ -245,19 +246,28 @@ class Run:
 
 
 class InputProbe:
-    """Forward pre-hooks on the twin only: whether each module's input required grad
-    (or was the model's own input), the ground truth for MG101's frozen extractors."""
+    """Forward pre-hooks on the twin only: whether each module's input required grad,
+    and whether it came from the model's own input through modules without parameters
+    (the trees are chains, so: no module with parameters of its own ran before it in
+    this forward): the ground truth for MG101's frozen extractors."""
 
     def __init__(self, model: nn.Module):
         self.names = {id(m): name for name, m in model.named_modules()}
+        self.owners = {id(m) for m in model.modules() if list(m.parameters(recurse=False))}
         self.root_input = None
-        self.calls: Optional[Dict[str, List[bool]]] = None
+        self.behind_a_layer = False
+        self.calls: Optional[Dict[str, List[Tuple[bool, bool]]]] = None
         self.handles = [m.register_forward_pre_hook(self._pre) for _, m in model.named_modules()]
+
+    def start(self, x) -> None:
+        self.root_input, self.calls, self.behind_a_layer = x, {}, False
 
     def _pre(self, module, args):
         if self.calls is not None and torch.is_grad_enabled():
             (x,) = args
-            self.calls.setdefault(self.names[id(module)], []).append(x.requires_grad or x is self.root_input)
+            fed = x is self.root_input or not self.behind_a_layer
+            self.calls.setdefault(self.names[id(module)], []).append((x.requires_grad, fed))
+            self.behind_a_layer = self.behind_a_layer or id(module) in self.owners
 
     def remove(self):
         for h in self.handles:
@@ -294,7 +304,7 @@ def interpret(program: Program, model: nn.Module, opt, after_op=None, probe: Opt
         elif kind == "forward":
             x = torch.randn(N, D, generator=torch.Generator().manual_seed(program.seed + k))
             if probe is not None:
-                probe.root_input, probe.calls = x, {}
+                probe.start(x)
             with _NO_GRAD[op[1]]():
                 out = model(x)
                 outputs.append(out.detach().clone())
@@ -351,11 +361,12 @@ class Facts:
 
     kinds: Dict[str, Optional[str]]  # "dropout", "batchnorm", "custom", or None: not mode-sensitive
     own_params: Dict[str, Tuple[str, ...]]  # the parameters MG101 and MG301 call a module's own
+    all_params: Dict[str, Tuple[str, ...]]  # every parameter under the module
 
 
 def facts_of(model: nn.Module) -> Facts:
     pname = {id(p): n for n, p in model.named_parameters()}
-    kinds, own = {}, {}
+    kinds, own, everything = {}, {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout):
             kinds[name] = "dropout" if m.p > 0 else None
@@ -369,7 +380,8 @@ def facts_of(model: nn.Module) -> Facts:
             kinds[name] = None  # Linear, containers, DropoutIgnoringEval (reads no flag)
         # BatchNorm owns its affine parameters; a custom module's may sit in children.
         own[name] = tuple(pname[id(p)] for p in m.parameters(recurse=isinstance(m, HFDropout)))
-    return Facts(kinds, own)
+        everything[name] = tuple(pname[id(p)] for p in m.parameters())
+    return Facts(kinds, own, everything)
 
 
 def applied_steps(events):
@@ -403,42 +415,44 @@ def streak_needed(trained: bool) -> int:
     return 2 if trained else 8
 
 
-def expect_step_in_eval(events, facts: Facts, known_bugs=frozenset()) -> Dict[int, Tuple[set, set]]:
-    """MG101, per step that applies gradients: (modules that must be reported, modules
-    that may be). The offenders are the sensitive modules in eval in the forward the step
-    applies that are not frozen on purpose: a module with parameters of its own is frozen
-    when none requires grad as the step runs; a parameter-free one when its input did not
-    require grad (and was not the model's own input) in that forward."""
-    steps = {}
-    for k, i in applied_steps(events):
-        fresh = offenders(events[k], events[i], events[i].inputs, facts)
-        if "one-shot-probe" in known_bugs:
-            seen = offenders(events[k], events[i], probed_inputs(events, i), facts)
-            steps[k] = (fresh & seen, fresh ^ seen)
-        else:
-            steps[k] = (fresh, set())
-    return steps
+def expect_step_in_eval(events, facts: Facts) -> Dict[int, set]:
+    """MG101, per step that applies gradients: the modules that must be reported. The
+    offenders are the sensitive modules in eval in the forward the step applies that are
+    not frozen on purpose: a module with parameters of its own is frozen when none
+    requires grad as the step runs; a parameter-free one (see ``trained_through``)."""
+    return {k: offenders(events[k], events[i], facts) for k, i in applied_steps(events)}
 
 
-def offenders(step: Event, fwd: Event, inputs: Dict[str, List[bool]], facts: Facts) -> set:
+def offenders(step: Event, fwd: Event, facts: Facts) -> set:
     found = set()
     for name, kind in facts.kinds.items():
         if kind is None or fwd.training[name]:
             continue
         own = facts.own_params[name]
-        frozen = not any(step.requires_grad[p] for p in own) if own else not any(inputs.get(name, ()))
-        if not frozen:
+        trained = any(step.requires_grad[p] for p in own) if own else trained_through(name, step, fwd, facts)
+        if trained:
             found.add(name or "(root)")
     return found
 
 
-def probed_inputs(events, i: int) -> Dict[str, List[bool]]:
-    """KNOWN BUG "one-shot-probe": what modeguard reads instead of forward i's inputs,
-    its probe's one reading per snapshot: the first call of each module in the first
-    grad-enabled forward since the snapshot forward i ran under was built."""
-    since = max(r for r in snapshot_rebuilds(events) if r <= i)
-    first = next(k for k in range(since, i + 1) if events[k].grad)
-    return {name: calls[:1] for name, calls in events[first].inputs.items()}
+def trained_through(name: str, step: Event, fwd: Event, facts: Facts) -> bool:
+    """A parameter-free module in eval takes part in training when, in some call of the
+    forward, its input required grad, or it was fed the model's own input through
+    parameter-free modules only (an input-layer Dropout), unless then its nearest enclosing
+    module with parameters, below the root, has them all frozen (it is that part's)."""
+    calls = fwd.inputs.get(name, ())
+    if any(needs_grad for needs_grad, _ in calls):
+        return True
+    return any(fed for _, fed in calls) and not in_frozen_part(name, step, facts)
+
+
+def in_frozen_part(name: str, step: Event, facts: Facts) -> bool:
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        params = facts.all_params[".".join(parts[:k])]
+        if params:
+            return not any(step.requires_grad[p] for p in params)
+    return False
 
 
 def expect_eval_in_train_mode(events, facts: Facts) -> Optional[bool]:
@@ -535,12 +549,11 @@ def expect_dropout_ignoring_eval(events, facts: Facts) -> bool:
     return False
 
 
-def expected_codes(run: Run, facts: Facts, known_bugs=frozenset()) -> Dict[str, Optional[bool]]:
+def expected_codes(run: Run, facts: Facts) -> Dict[str, Optional[bool]]:
     """Each rule's verdict: True (must be reported), False (must not), None (either)."""
     ev = run.events
-    steps = expect_step_in_eval(ev, facts, known_bugs).values()
     return {
-        "MG101": True if any(must for must, _ in steps) else None if any(may for _, may in steps) else False,
+        "MG101": any(expect_step_in_eval(ev, facts).values()),
         "MG201": expect_eval_in_train_mode(ev, facts),
         "MG202": expect_dropout_ignoring_eval(ev, facts),
         "MG301": expect_frozen_bn_drift(ev, facts),
@@ -561,7 +574,8 @@ def _hooks_left(model: nn.Module, opt) -> list:
 
 def _global_hooks():
     reg = nn.modules.module
-    return (dict(reg._global_module_registration_hooks), dict(reg._global_parameter_registration_hooks))
+    return (dict(reg._global_module_registration_hooks), dict(reg._global_parameter_registration_hooks),
+            dict(reg._global_forward_pre_hooks), dict(reg._global_forward_hooks))
 
 
 def _make_optimizer(model):
@@ -605,10 +619,10 @@ def assert_unchanged(model, opt, run: Run, twin, truth: Run) -> None:
     assert _hooks_left(model, opt) == []
 
 
-def assert_findings(found, truth: Run, facts: Facts, known_bugs) -> None:
+def assert_findings(found, truth: Run, facts: Facts) -> None:
     """The codes reported, and MG101's modules step by step, against the reference model."""
     codes = {code for _, code, _ in found}
-    expected = expected_codes(truth, facts, known_bugs)
+    expected = expected_codes(truth, facts)
     note(f"expected: {expected}, reported: {sorted(codes)}")
     for code, verdict in expected.items():
         event(f"{code}: {'either' if verdict is None else 'expected' if verdict else 'not expected'}")
@@ -616,16 +630,15 @@ def assert_findings(found, truth: Run, facts: Facts, known_bugs) -> None:
     wrong = {code: verdict for code, verdict in expected.items() if verdict is not None and (code in codes) != verdict}
     assert not wrong, f"reported {sorted(codes)}, but the reference model says {wrong}"
     mg101 = {k: set(mods) for k, code, mods in found if code == "MG101"}
-    for k, (must, may) in expect_step_in_eval(truth.events, facts, known_bugs).items():
+    for k, must in expect_step_in_eval(truth.events, facts).items():
         got = mg101.pop(k, set())
-        assert must <= got <= must | may, \
-            f"MG101 at op {k} named {sorted(got)}; the reference model: {sorted(must)} (or also {sorted(may)})"
+        assert got == must, f"MG101 at op {k} named {sorted(got)}; the reference model: {sorted(must)}"
     assert not mg101, f"MG101 at ops that apply no gradients: {mg101}"
 
 
-def check(program: Program, known_bugs=frozenset()) -> None:
+def check(program: Program) -> None:
     """Run ``program`` on a twin and under modeguard; assert the invariants and the
-    reference model's verdicts (allowing for ``known_bugs``)."""
+    reference model's verdicts."""
     assert not modes.is_patched(), "a guard from before this example is still watching"
     twin, model = build(program.tree, program.seed), build(program.tree, program.seed)
     twin_opt, opt = _make_optimizer(twin), _make_optimizer(model)
@@ -642,45 +655,51 @@ def check(program: Program, known_bugs=frozenset()) -> None:
     note(f"found: {found}")
     assert_unchanged(model, opt, run, twin, truth)
     assert _global_hooks() == global_hooks
-    assert_findings(found, truth, facts, known_bugs)
+    assert_findings(found, truth, facts)
 
 
-#: Bugs the oracle found in today's modeguard, allowed for in random programs (the
-#: reference model says "either" where one shows) and kept below as failing examples.
-KNOWN_BUGS = frozenset({"one-shot-probe"})
+# Regression cases: programs the oracle once failed on, run before the random ones.
 
-#: KNOWN BUG "one-shot-probe", a miss: a Dropout in eval after a frozen Linear, then the
-#: Linear is unfrozen with no mode change; the step trains through the Dropout in eval.
+#: A Dropout in eval after a frozen Linear, then the Linear is unfrozen with no mode
+#: change: the second step trains through the Dropout in eval (once missed: the input
+#: was looked at only in the first forward after a mode change).
 STALE_PROBE_MISS = Program(
     tree=(("linear",), ("dropout", 0.5), ("linear",)),
     ops=(("requires_grad", 1, False), ("eval", 0), ("forward", "grad"), ("backward",), ("step",),
          ("requires_grad", 1, True), ("forward", "grad"), ("backward",), ("step",)),
 )
-#: ... a false alarm: the same Dropout, trained through first, then the Linear before it
-#: is frozen (a frozen extractor now): the second step is still reported.
+#: ... the other way round, once a false alarm: trained through first, then the Linear
+#: before it is frozen (a frozen extractor now): the second step is quiet.
 STALE_PROBE_FALSE_ALARM = Program(
     tree=(("linear",), ("dropout", 0.5), ("linear",)),
     ops=(("eval", 0), ("forward", "grad"), ("backward",), ("step",),
          ("requires_grad", 1, False), ("forward", "grad"), ("backward",), ("step",)),
 )
-#: ... the same miss as the generator found it (shrunk): the whole model frozen, so the
-#: first step has no backward (MG602); unfrozen, the second step trains the Dropout in eval.
+#: ... the miss as the generator found it (shrunk): the whole model frozen, so the first
+#: step has no backward (MG602); unfrozen, the second step trains the Dropout in eval.
 STALE_PROBE_MISS_FOUND = Program(
     tree=(("linear",), ("dropout", 0.5)),
     ops=(("requires_grad", 0, False), ("train", 0), ("train", 0), ("eval", 0), ("zero_grad",), ("forward", "grad"),
          ("backward",), ("step",), ("requires_grad", 0, True), ("zero_grad",), ("forward", "grad"), ("backward",),
          ("step",)),
 )
-#: ... a miss: one Dropout used twice, first after a frozen Linear, then after a trained
-#: one; only its first call is looked at.
+#: One Dropout used twice, first after a frozen Linear, then after a trained one (once
+#: missed: only its first call was looked at).
 SHARED_PROBE_MISS = Program(
     tree=(("linear",), ("dropout", 0.5), ("linear",), ("shared", 1), ("linear",)),
     ops=(("requires_grad", 1, False), ("eval", 0), ("forward", "grad"), ("backward",), ("step",)),
 )
-
-
-_ONE_SHOT_PROBE = ("one-shot-probe: MG101 judges a parameter-free module in eval by its input's requires_grad "
-                   "in one call: the first, in the first grad-enabled forward after a mode change")
+#: An input-layer Dropout put in eval, then trained: its input never requires grad, and
+#: nothing frozen lies before it (once missed: taken for part of a frozen extractor).
+INPUT_DROPOUT_MISS = Program(
+    tree=(("dropout", 0.5), ("linear",)),
+    ops=(("eval", 1), ("zero_grad",), ("forward", "grad"), ("backward",), ("step",)),
+)
+#: ... and the same Dropout as the first layer of a frozen backbone: quiet.
+INPUT_DROPOUT_FROZEN_BACKBONE = Program(
+    tree=(("seq", (("dropout", 0.5), ("linear",))), ("linear",)),
+    ops=(("requires_grad", 1, False), ("eval", 1), ("zero_grad",), ("forward", "grad"), ("backward",), ("step",)),
+)
 
 
 @settings(
@@ -690,12 +709,12 @@ _ONE_SHOT_PROBE = ("one-shot-probe: MG101 judges a parameter-free module in eval
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-# Random programs allow for the known bugs; the examples that show them allow for none
-# and must fail (hypothesis's xfail is strict: an example that passes fails the test).
-@given(program=programs, known_bugs=st.just(KNOWN_BUGS))
-@example(program=STALE_PROBE_MISS, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
-@example(program=STALE_PROBE_MISS_FOUND, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
-@example(program=STALE_PROBE_FALSE_ALARM, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
-@example(program=SHARED_PROBE_MISS, known_bugs=frozenset()).xfail(reason=_ONE_SHOT_PROBE, raises=AssertionError)
-def test_random_programs_against_the_reference_model(program, known_bugs):
-    check(program, known_bugs)
+@given(program=programs)
+@example(program=STALE_PROBE_MISS)
+@example(program=STALE_PROBE_MISS_FOUND)
+@example(program=STALE_PROBE_FALSE_ALARM)
+@example(program=SHARED_PROBE_MISS)
+@example(program=INPUT_DROPOUT_MISS)
+@example(program=INPUT_DROPOUT_FROZEN_BACKBONE)
+def test_random_programs_against_the_reference_model(program):
+    check(program)

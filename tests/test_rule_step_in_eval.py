@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
@@ -281,6 +282,164 @@ def test_dropout_after_a_frozen_extractor_still_fires():
             train_step(model, opt)
         found = codes(guard)
     assert len(found) == 1 and found[0].modules == ["head.1"]
+
+
+# ---- parameter-free modules in eval: fed the model's inputs, or behind frozen layers ----
+
+
+def input_dropout_net(p=0.5):
+    """The input-layer Dropout of an MLP on images: its input never requires grad."""
+    return nn.Sequential(nn.Flatten(), nn.Dropout(p), nn.Linear(2 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_input_layer_dropout_put_in_eval_then_trained_fires():
+    model = input_dropout_net()
+    opt = sgd(model)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model[1].eval()
+        for _ in range(2):
+            train_step(model, opt, x, y)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["1"]
+
+
+class KeywordDropout(nn.Module):
+    """A custom parameter-free module reading ``self.training``, fed by keyword."""
+
+    def forward(self, *, hidden):
+        return F.dropout(hidden, 0.3, self.training)
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.noise = KeywordDropout()
+        self.fc = nn.Linear(IN, 3)
+
+    def forward(self, x):
+        return self.fc(self.noise(hidden=x))
+
+
+IN = batch().shape[1]
+
+
+def test_input_reaching_a_custom_module_by_keyword_fires():
+    model = KeywordNet()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.noise.eval()
+        train_step(model, opt)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["noise"]
+
+
+def test_model_called_with_keyword_inputs_fires():
+    # The model's own input handed over by keyword (Hugging Face style: model(input_ids=...)).
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.fc = nn.Dropout(0.5), nn.Linear(IN, 3)
+
+        def forward(self, *, features):
+            return self.fc(self.drop(features))
+
+    model = ByKeyword()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        opt.zero_grad()
+        F.cross_entropy(model(features=batch()), labels()).backward()
+        opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["drop"]
+
+
+def test_quiet_for_an_input_layer_dropout_of_a_frozen_backbone():
+    # The Dropout is the backbone's first layer; the backbone is frozen and in eval.
+    backbone = nn.Sequential(nn.Dropout(0.2), nn.Linear(IN, 16), nn.ReLU())
+    model = nn.Sequential(backbone, nn.Linear(16, 3))
+    backbone.requires_grad_(False)
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        backbone.eval()
+        for _ in range(2):
+            train_step(model, opt)
+        assert guard.violations == []
+
+
+def test_quiet_for_the_input_dropout_of_a_model_trained_in_train_mode():
+    model = input_dropout_net()
+    opt = sgd(model)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(2):
+            train_step(model, opt, x, y)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        train_step(model, opt, x, y)
+        assert guard.violations == []
+
+
+def test_a_layer_unfrozen_with_no_mode_change_is_seen_at_the_next_step():
+    # Gradual unfreezing: the Linear before the Dropout starts training; nothing calls
+    # train() or eval(), and the next step trains through the Dropout in eval.
+    model = nn.Sequential(nn.Linear(IN, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        train_step(model, opt)
+        assert codes(guard) == []  # a frozen extractor so far
+        model[0].requires_grad_(True)
+        train_step(model, opt)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["1"]
+
+
+def test_a_layer_frozen_with_no_mode_change_silences_the_next_step():
+    model = nn.Sequential(nn.Linear(IN, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        train_step(model, opt)
+        assert len(codes(guard)) == 1
+        guard.clear()
+        model[0].requires_grad_(False)  # now a frozen extractor in front of the head
+        train_step(model, opt)
+        assert codes(guard) == []
+
+
+def test_a_shared_dropout_is_judged_in_every_call():
+    # One Dropout used twice: behind a frozen Linear, then behind a trained one.
+    drop = nn.Dropout(0.5)
+    model = nn.Sequential(nn.Linear(IN, IN), drop, nn.Linear(IN, IN), drop, nn.Linear(IN, 3))
+    model[0].requires_grad_(False)
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        model.eval()
+        train_step(model, opt)
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["1"]
+
+
+def test_probes_leave_no_hook_behind_even_when_a_forward_raises():
+    registry = nn.modules.module
+    model = input_dropout_net()
+    opt = sgd(model)
+    guard = modeguard.watch(model, opt, on_violation="record")
+    model.eval()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(8, 3, 3))  # wrong shape: the first Linear raises
+    model(torch.randn(8, 2, 4, 4))
+    assert not registry._global_forward_pre_hooks
+    with pytest.raises(RuntimeError):
+        model(torch.randn(8, 3, 3))
+    guard.unwatch()
+    assert not registry._global_forward_pre_hooks
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def test_quiet_for_modules_marked_frozen():

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import modeguard
@@ -264,6 +265,41 @@ def test_quiet_for_accumulation_whose_last_micro_batch_skips_its_backward():
             _loss(model, seed=step + 10)  # skipped (non-finite, say)
             opt.step()
         assert guard.violations == []
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_quiet_after_freezing_the_parameters_it_was_reading(set_to_none):
+    # Fine-tuning that freezes every norm layer after a few steps: the first and last
+    # small parameters the optimizer trains (BatchNorm's) stop getting gradients, the
+    # Linears still do. Seen on the oracle's programs.
+    model = nn.Sequential(nn.BatchNorm1d(batch().shape[1]), nn.Linear(batch().shape[1], 3), nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for k in range(6):
+            if k == 3:
+                for m in (model[0], model[2]):
+                    m.requires_grad_(False)
+            opt.zero_grad(set_to_none=set_to_none)
+            _loss(model).backward()
+            opt.step()
+        assert guard.violations == []
+
+
+def test_a_skipped_backward_after_freezing_the_parameters_it_was_reading_fires():
+    model = nn.Sequential(nn.BatchNorm1d(batch().shape[1]), nn.Linear(batch().shape[1], 3), nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for k in range(5):
+            if k == 2:
+                for m in (model[0], model[2]):
+                    m.requires_grad_(False)
+            opt.zero_grad()
+            loss = _loss(model)
+            if k != 3:
+                loss.backward()
+            opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].count == 1
 
 
 def test_quiet_for_gradient_accumulation():

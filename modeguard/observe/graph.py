@@ -30,14 +30,15 @@ _MAX_NODES = 16
 class ForwardRecord:
     """What modeguard keeps about one grad-enabled forward of a watched model."""
 
-    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "used", "judged", "__weakref__")
+    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "probe", "used", "judged", "__weakref__")
 
-    def __init__(self, root, snapshot, where, allowed, seq):
+    def __init__(self, root, snapshot, where, allowed, seq, probe=None):
         self.root = root          # RootState (holds the model only weakly)
         self.snapshot = snapshot  # ModeSnapshot the forward ran under
         self.where = where        # (code, line) of the user's call, or None
         self.allowed = allowed    # rule codes silenced by allow() around the forward
         self.seq = seq            # the root's grad-enabled forward count at this forward
+        self.probe = probe        # observe.inputs readings of this forward, or None
         self.used = False         # a backward passed through its graph
         self.judged = False       # counted as unused while its graph was still alive
 

@@ -4,9 +4,10 @@ Built by one walk over the model, only when ``MODE_EPOCH`` or ``STRUCTURE_EPOCH`
 every forward in between shares the same snapshot, which is what keeps the hot path O(1).
 Forward records keep a reference to the snapshot they ran under, so a rule that looks at
 a step later still sees the modes the gradients were produced with. The modes in a
-snapshot never change; what does is learnt later about the same modules: ``probe``
-(filled by the next grad-enabled forward), the ``requires_grad`` state re-read by
-``refresh_frozen``, and ``step_quiet``, which the guard recomputes after such a re-read.
+snapshot never change; what does is learnt later about the same modules: the
+``requires_grad`` state re-read by ``refresh_frozen``, and ``step_quiet``, which the guard
+recomputes after such a re-read. (What a forward learns about its inputs belongs to that
+forward's record: see ``observe/inputs.py``.)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
-        "frozen_bn_in_train", "train_bn", "probe", "plain_train", "step_quiet", "__weakref__",
+        "frozen_bn_in_train", "train_bn", "probed", "owners", "plain_train", "step_quiet", "__weakref__",
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
@@ -92,8 +93,10 @@ class ModeSnapshot:
         self.plain_train = self.root_training and self.state in ("train", "none")
         self.train_bn = tuple(e for e in self.train_sensitive if e.is_bn)
         self.frozen_bn_in_train = self._frozen_bn()
-        #: index in entries -> whether its input required grad in a grad-enabled forward
-        self.probe: dict = {}
+        #: (index, entry) of the modules every grad-enabled forward probes (needs_probe)
+        self.probed = self.needs_probe()
+        #: ids of the modules with parameters of their own, once a forward is probed
+        self.owners = None
         #: Set by the guard from its step rules (Rule.step_quiet): a step on gradients
         #: from a forward under this snapshot needs no rule called.
         self.step_quiet = False
@@ -110,7 +113,7 @@ class ModeSnapshot:
 
     def needs_probe(self) -> tuple:
         """Parameter-free sensitive modules in eval: whether they are frozen on purpose
-        depends on whether their input requires grad, which only a forward can tell."""
+        depends on where their input comes from, which only a forward can tell."""
         return tuple(
             (i, e) for i, e in enumerate(self.entries)
             if not e.training and e.param_free and not e.marked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._config import Severity
+from ..observe.inputs import in_frozen_part
 from ._base import Rule
 
 
@@ -21,7 +22,7 @@ class StepInEval(Rule):
     """
     quiet_when = [
         "the modules in eval are frozen on purpose: their own parameters all have requires_grad=False",
-        "a parameter-free module (Dropout) in eval whose input does not require grad (it sits in a frozen feature extractor)",
+        "a parameter-free module (Dropout) in eval inside a frozen feature extractor: its input does not require grad, and it comes after frozen layers or sits in a submodule whose parameters are all frozen (an input-layer Dropout fed the model's own inputs is not frozen)",
         "the modules are marked with modeguard.frozen(...) or watch(..., frozen=[...])",
         "the model's own train() override put them in eval (mmdetection's norm_eval pattern)",
     ]
@@ -37,17 +38,27 @@ class StepInEval(Rule):
                 continue  # the common case: O(1)
             self._diagnose(guard, st, rec)
 
+    @staticmethod
+    def _trained_through(model, entry, reading) -> bool:
+        """A parameter-free module in eval (``observe/inputs.py``): gradients flowed
+        through it, or it was fed the model's own inputs and is not part of a frozen
+        submodule. Quiet when it never ran with grad enabled, or sat behind frozen layers."""
+        if not reading:
+            return False
+        needs_grad, fed = reading
+        return needs_grad or (fed and model is not None and not in_frozen_part(model, entry.name))
+
     def _diagnose(self, guard, st, rec):
         snap = rec.snapshot
         snap.refresh_frozen()
+        model = st.ref()
         offending = []
         for i, e in enumerate(snap.entries):
             if e.training or e.marked or e.own_frozen is True:
                 continue
             if e.site is not None and e.site.how == "override":
                 continue
-            if e.param_free and snap.probe.get(i, False) is False:
-                # Its input did not require grad, or it never ran with grad enabled.
+            if e.param_free and not self._trained_through(model, e, rec.probe and rec.probe.get(i)):
                 continue
             offending.append(e)
         if not offending:
