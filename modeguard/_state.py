@@ -180,26 +180,6 @@ class GradMark:
     def moved(self) -> int:
         """Did a backward maybe reach the parameters since the last call (``NEW``,
         ``VERSION`` or ``NONE``, true when it maybe did)? Records what it read."""
-        r = self._moved()
-        if r == 0 and not (self.first.requires_grad and self.last.requires_grad):
-            return self._repick()
-        return r
-
-    def _repick(self) -> int:
-        """A parameter read here was frozen since the mark was made, so it tells nothing:
-        read two that still require grad. Their gradients have no record yet: one that is
-        there may be new (maybe); none there means no backward since the last step."""
-        live = [p for p in self.params if p.requires_grad]
-        if not live:
-            return 0  # nothing left to train: no backward can have reached it
-        small = [p for p in live if p.numel() <= self.SMALL] or live
-        self.first, self.last = small[0], small[-1]
-        g, h = self.first.grad, self.last.grad
-        self.g_first, self.v_first = g, (g._version if g is not None else -1)
-        self.g_last, self.v_last = h, (h._version if h is not None else -1)
-        return 1 if g is not None or h is not None else 0
-
-    def _moved(self) -> int:
         g = self.first.grad
         prev = self.g_first
         if g is not prev:
@@ -221,6 +201,26 @@ class GradMark:
             return 1
         return self._last_moved()
 
+    def _none_or_repick(self) -> int:
+        """Neither parameter read moved: no backward, unless one was frozen since."""
+        if self.first.requires_grad and self.last.requires_grad:
+            return 0
+        return self._repick()
+
+    def _repick(self) -> int:
+        """A parameter read here was frozen since the mark was made, so it tells nothing:
+        read two that still require grad. Their gradients have no record yet: one that is
+        there may be new (maybe); none there means no backward since the last step."""
+        live = [p for p in self.params if p.requires_grad]
+        if not live:
+            return 0  # nothing left to train: no backward can have reached it
+        small = [p for p in live if p.numel() <= self.SMALL] or live
+        self.first, self.last = small[0], small[-1]
+        g, h = self.first.grad, self.last.grad
+        self.g_first, self.v_first = g, (g._version if g is not None else -1)
+        self.g_last, self.v_last = h, (h._version if h is not None else -1)
+        return 1 if g is not None or h is not None else 0
+
     def unmoved(self) -> bool:
         """Between steps, without recording: is it certain that no backward reached the
         first parameter since the last step? (A new tensor, or a moved version: maybe.)"""
@@ -232,11 +232,11 @@ class GradMark:
     def _last_moved(self) -> int:
         last = self.last
         if last is self.first:
-            return 0
+            return self._none_or_repick()
         g = last.grad
         if g is None:
             self.g_last = None
-            return 0
+            return self._none_or_repick()
         if g is not self.g_last:
             # Its record is only as old as the last suspicious step: maybe.
             self.g_last, self.v_last = g, g._version
@@ -245,7 +245,7 @@ class GradMark:
         if v != self.v_last:
             self.v_last = v
             return 1
-        return 0
+        return self._none_or_repick()
 
 
 class OptimizerState:

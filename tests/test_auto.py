@@ -360,9 +360,10 @@ def test_deepcopy_trained_in_eval_mode_is_not_missed():
     assert v.code == "MG101" and v.model == "Net (clone)" and v.count == 2
 
 
-def test_dqn_target_network_in_train_mode_once_per_step_is_silent():
+def _dqn(target_mode: str):
     online = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.1), nn.Linear(16, 2))
     target = copy.deepcopy(online)
+    getattr(target, target_mode)()
     opt = torch.optim.SGD(online.parameters(), lr=0.1)
 
     def program():
@@ -373,9 +374,22 @@ def test_dqn_target_network_in_train_mode_once_per_step_is_silent():
             F.mse_loss(online(_x(seed=i)).max(1).values, q_next).backward()
             opt.step()
 
-    guard, names = _run(program)
+    return program
+
+
+def test_dqn_target_network_in_eval_once_per_step_is_silent():
+    guard, names = _run(_dqn("eval"))
     assert len(names) == 2
     assert guard.violations == []
+
+
+def test_dqn_target_network_left_in_train_mode_with_dropout_is_reported():
+    # Its Dropout makes every Q target random: a model that is never trained, used under
+    # no_grad once per step while another trains.
+    guard, names = _run(_dqn("train"))
+    assert len(names) == 2
+    (v,) = guard.violations
+    assert v.code == "MG201" and v.model == names[0] and v.modules == ["1"] and v.count == 4
 
 
 # ---- living alongside explicit watch() -----------------------------------------------

@@ -270,11 +270,15 @@ def test_gan_sampling_without_eval_is_reported():
 # ---- EMA teacher --------------------------------------------------------------------------------------
 
 
-def test_ema_teacher_made_with_deepcopy_is_silent():
+def _mean_teacher(noise_wanted: bool):
+    """Mean Teacher: an EMA copy of the student kept in train mode, its targets taken
+    under no_grad at every step; with ``noise_wanted`` its Dropout is said to be on
+    purpose, with ``allow``."""
     x, y = make_data()
     student = MLP(p=0.3)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     decay = 0.9
+    allow = modeguard.allow("MG201") if noise_wanted else contextlib.nullcontext()
     with modeguard.watch(student, opt, on_violation="record") as guard:
         teacher = copy.deepcopy(student)  # made while the student is watched
         for p in teacher.parameters():
@@ -286,7 +290,7 @@ def test_ema_teacher_made_with_deepcopy_is_silent():
                 student.train()
                 teacher.train()
                 for xb, yb in batches(x, y):
-                    with torch.no_grad():
+                    with torch.no_grad(), allow:
                         target = F.softmax(teacher(xb), dim=1)
                     opt.zero_grad()
                     out = student(xb)
@@ -302,9 +306,18 @@ def test_ema_teacher_made_with_deepcopy_is_silent():
                 student.eval()
                 with torch.no_grad():
                     teacher(x), student(x)
-            assert codes(teacher_guard) == set()
+            teacher_codes = codes(teacher_guard)
         assert codes(guard) == set()
         assert guard.models == [student]
+    return teacher_codes
+
+
+def test_mean_teacher_made_with_deepcopy_whose_noise_is_wanted_is_silent():
+    assert _mean_teacher(noise_wanted=True) == set()
+
+
+def test_teacher_made_with_deepcopy_and_left_with_dropout_active_is_reported():
+    assert _mean_teacher(noise_wanted=False) == {"MG201"}
 
 
 def test_ema_teacher_evaluated_in_train_mode_is_reported():

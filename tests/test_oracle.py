@@ -89,8 +89,8 @@ class TrainOnlyScale(nn.Module):
 
 
 class DropoutIgnoringEval(nn.Module):
-    """Random in eval mode too: never reads the flag, so no rule sees it today (MG202's,
-    once it exists)."""
+    """Random in eval mode too: never reads the flag. ``training=True`` written at the
+    call site, so MG202 takes it for Monte-Carlo dropout on purpose."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -342,16 +342,11 @@ def _event(op, model, **kw) -> Event:
 
 # ---- the reference model ----------------------------------------------------------------
 #
-# What each rule promises today, from its docstring, explanation, quiet_when, its tests and
-# the README's Limitations, computed from the trace alone. One function per rule; each
-# returns True (must be reported), False (must not be), or None where today's modeguard
-# promises neither (said why at the spot). Where it is tightened for the changes under way:
-#
-# - MG602 exact at every step: done (BACKWARD_SAMPLE = None); expect_step_without_backward.
-# - short grad-enabled evaluations recognised at any sampling: the unused-graph half of
-#   expect_eval_in_train_mode (and streak_needed, if the counts change).
-# - graphs still alive at report time: unused_graphs counts run.pending too.
-# - MG202, dropout that ignores eval: expect_dropout_ignoring_eval gets its body.
+# What each rule promises, from its docstring, explanation, quiet_when, its tests and the
+# README's Limitations, computed from the trace alone. One function per rule; each returns
+# True (must be reported), False (must not be), or None where modeguard promises neither
+# (said why at the spot). The findings are read before unwatch(), so a graph still alive at
+# the end is not judged here (tests/test_rule_eval_graph_unused.py covers that).
 
 
 @dataclass
@@ -362,11 +357,12 @@ class Facts:
     kinds: Dict[str, Optional[str]]  # "dropout", "batchnorm", "custom", or None: not mode-sensitive
     own_params: Dict[str, Tuple[str, ...]]  # the parameters MG101 and MG301 call a module's own
     all_params: Dict[str, Tuple[str, ...]]  # every parameter under the module
+    random: Dict[str, bool]  # a custom module with a dropout above 0 (random in train mode)
 
 
 def facts_of(model: nn.Module) -> Facts:
     pname = {id(p): n for n, p in model.named_parameters()}
-    kinds, own, everything = {}, {}, {}
+    kinds, own, everything, random = {}, {}, {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout):
             kinds[name] = "dropout" if m.p > 0 else None
@@ -381,7 +377,8 @@ def facts_of(model: nn.Module) -> Facts:
         # BatchNorm owns its affine parameters; a custom module's may sit in children.
         own[name] = tuple(pname[id(p)] for p in m.parameters(recurse=isinstance(m, HFDropout)))
         everything[name] = tuple(pname[id(p)] for p in m.parameters())
-    return Facts(kinds, own, everything)
+        random[name] = isinstance(m, HFDropout) and m.dropout > 0
+    return Facts(kinds, own, everything, random)
 
 
 def applied_steps(events):
@@ -455,15 +452,27 @@ def in_frozen_part(name: str, step: Event, facts: Facts) -> bool:
     return False
 
 
+def random_in_train_mode(fwd: Event, facts: Facts) -> bool:
+    """Some module that is random in train mode (Dropout, or Hugging Face style dropout
+    above 0) is in train mode: not BatchNorm's statistics, not TrainOnlyScale."""
+    return any(fwd.training[n] for n, k in facts.kinds.items() if k == "dropout" or (k == "custom" and facts.random[n]))
+
+
+#: No_grad forwards of a model never trained, each after a backward or step of the
+#: program, with Dropout active, before MG201 calls it a teacher with random targets.
+TEACHER_STEPS = 3
+
+
 def expect_eval_in_train_mode(events, facts: Facts) -> Optional[bool]:
-    """MG201, both halves. No_grad forwards evaluating in train mode, in a row: no grad-
-    enabled forward, backward or step in between. Grad-enabled forwards evaluating in
+    """MG201, all three ways. No_grad forwards evaluating in train mode, in a row: no
+    grad-enabled forward, backward or step in between. Grad-enabled forwards evaluating in
     train mode whose graphs were freed unused, with no backward or step in between (with
     every forward followed, two are enough; a graph still alive at report time does not
-    count: see unused_graphs). Monte-Carlo dropout forwards count in a run but are not
-    reported."""
-    nograd = unused = 0
-    trained = False
+    count: see unused_graphs). A model never trained whose no_grad forwards in train mode,
+    with Dropout active, come after TEACHER_STEPS backwards or steps (a teacher). Monte-Carlo
+    dropout forwards count in a run but are not reported."""
+    nograd = unused = teacher = 0
+    trained = activity = False
     for ev in events:
         if ev.frees is not None and evaluating_in_train_mode(events[ev.frees], facts):
             unused += 1
@@ -474,13 +483,19 @@ def expect_eval_in_train_mode(events, facts: Facts) -> Optional[bool]:
                 nograd = 0
                 continue
             nograd += 1
-            if nograd >= streak_needed(trained) and not mc_dropout(ev, facts):
-                return True
+            if nograd >= streak_needed(trained):
+                if not mc_dropout(ev, facts):
+                    return True
+            elif not trained and random_in_train_mode(ev, facts) and (activity or teacher == 0):
+                teacher, activity = teacher + 1, False
+                if teacher >= TEACHER_STEPS and not mc_dropout(ev, facts):
+                    return True
         elif ev.forward or ev.uses is not None or ev.op[0] == "step":
             nograd = 0
         if ev.uses is not None or ev.op[0] == "step":
             unused = 0
             trained = trained or ev.uses is not None
+            activity = True
     return False
 
 
@@ -544,8 +559,9 @@ def expect_step_without_backward(events) -> bool:
 
 
 def expect_dropout_ignoring_eval(events, facts: Facts) -> bool:
-    """MG202 (not a rule yet): never reported today. Once it exists: an eval-mode forward
-    ran a DropoutIgnoringEval with p > 0."""
+    """MG202: never, here. The trees' only dropout that ignores eval, DropoutIgnoringEval,
+    writes ``training=True`` at its call site, which is Monte-Carlo dropout on purpose
+    (tests/test_rule_dropout_ignores_eval.py covers the calls MG202 reports)."""
     return False
 
 
@@ -702,6 +718,20 @@ INPUT_DROPOUT_FROZEN_BACKBONE = Program(
 )
 
 
+#: A model that no backward ever reaches, stepped anyway, its Dropout in train mode under
+#: no_grad once per step: a teacher with random targets (MG201), and steps without a
+#: backward (MG602).
+TEACHER_WITH_DROPOUT = Program(
+    tree=(("linear",), ("dropout", 0.5)),
+    ops=(("forward", "no_grad"), ("step",), ("forward", "no_grad"), ("step",), ("forward", "no_grad"), ("step",)),
+)
+#: ... and with BatchNorm only in train mode (a momentum encoder): MG602 alone.
+ENCODER_WITH_BATCHNORM = Program(
+    tree=(("linear",), ("bn", True, True)),
+    ops=(("forward", "no_grad"), ("step",), ("forward", "no_grad"), ("step",), ("forward", "no_grad"), ("step",)),
+)
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=5000,  # ms per example, far above the usual few; a shared machine varies
@@ -716,5 +746,7 @@ INPUT_DROPOUT_FROZEN_BACKBONE = Program(
 @example(program=SHARED_PROBE_MISS)
 @example(program=INPUT_DROPOUT_MISS)
 @example(program=INPUT_DROPOUT_FROZEN_BACKBONE)
+@example(program=TEACHER_WITH_DROPOUT)
+@example(program=ENCODER_WITH_BATCHNORM)
 def test_random_programs_against_the_reference_model(program):
     check(program)

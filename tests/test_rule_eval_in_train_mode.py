@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import modeguard
+from modeguard.rules.eval_in_train_mode import TEACHER_STEPS
 from models import (
     MLP, LATENT, HFStyleModel, MCDropoutNet, PlainMLP, SiameseNet, batch, gan, labels, sgd, train_step,
 )
@@ -222,27 +223,64 @@ def test_quiet_for_a_gan_single_no_grad_fake_batch_between_steps():
         assert guard.violations == []
 
 
-@pytest.mark.parametrize("views", [1, 2])
-def test_quiet_for_a_momentum_encoder_under_no_grad_between_steps(views):
-    student = MLP()
+def _distil(p: float, views: int = 1, steps: int = 10, teacher_forward=None):
+    """A student and a frozen EMA copy of it kept in train mode, called under no_grad
+    ``views`` times per step (MoCo's key encoder, BYOL's target, a distillation teacher)."""
+    student = MLP(p=p)
     opt = sgd(student)
-    teacher = copy.deepcopy(student)  # EMA teacher / MoCo key encoder, kept in train mode
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = copy.deepcopy(student)
+    for q in teacher.parameters():
+        q.requires_grad_(False)
     guard = modeguard.watch(student, opt, on_violation="record")
-    guard.watch_model(teacher)
+    guard.watch_model(teacher, name="teacher")
+    call = teacher_forward or (lambda t, x: t(x))
     with guard:
-        for step in range(10):
+        for step in range(steps):
             x = batch(seed=step)
             with torch.no_grad():
-                targets = [teacher(x + 0.01 * v) for v in range(views)]
+                targets = [call(teacher, x + 0.01 * v) for v in range(views)]
             opt.zero_grad()
             sum(F.mse_loss(student(x), t) for t in targets).backward()
             opt.step()
             with torch.no_grad():
                 for ps, pt in zip(student.parameters(), teacher.parameters()):
                     pt.mul_(0.9).add_(ps, alpha=0.1)
-        assert guard.violations == []
+        return guard.violations
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_quiet_for_a_momentum_encoder_whose_train_mode_is_batchnorm_only(views):
+    # MoCo, BYOL, DINO: the key encoder keeps BatchNorm's batch statistics on purpose.
+    assert _distil(p=0.0, views=views) == []
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_a_teacher_with_active_dropout_called_once_per_step_is_reported(views):
+    found = _distil(p=0.3, views=views)
+    (v,) = found
+    assert v.code == "MG201" and v.model == "teacher" and v.modules == ["drop"]
+    assert v.count == 10 - TEACHER_STEPS + 1 and "random" in v.headline
+
+
+def test_a_teacher_is_reported_from_its_third_step():
+    assert _distil(p=0.3, steps=TEACHER_STEPS - 1) == []
+    assert len(_distil(p=0.3, steps=TEACHER_STEPS)) == 1
+
+
+def test_quiet_for_a_mean_teacher_whose_noise_is_wanted_under_allow():
+    def noisy_on_purpose(teacher, x):
+        with modeguard.allow("MG201"):
+            return teacher(x)
+
+    assert _distil(p=0.3, teacher_forward=noisy_on_purpose) == []
+
+
+def test_quiet_for_a_teacher_put_in_eval():
+    def in_eval(teacher, x):
+        teacher.eval()
+        return teacher(x)
+
+    assert _distil(p=0.3, teacher_forward=in_eval) == []
 
 
 def test_quiet_under_allow_context_manager():

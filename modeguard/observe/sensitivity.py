@@ -97,6 +97,20 @@ def classify(module: nn.Module) -> Optional[str]:
     return None
 
 
+def is_stochastic(module: nn.Module, kind: Optional[str]) -> bool:
+    """Is ``module`` random in train mode (Dropout and its kin), not just switching
+    statistics (BatchNorm)? A custom module counts when it has a dropout-like attribute
+    above 0; one that says nothing about dropout is not presumed random."""
+    if kind == "dropout":
+        return True
+    if kind in ("custom", "registered"):
+        return any(
+            isinstance(v, float) and v > 0.0 and ("dropout" in k.lower() or k in ("p", "drop_prob", "drop_rate"))
+            for k, v in vars(module).items()
+        )
+    return False
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, _InstanceNorm))
 

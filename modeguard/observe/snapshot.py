@@ -23,7 +23,7 @@ from . import modes, sensitivity
 class SensitiveEntry:
     """One mode-sensitive module of a watched model, as it was at snapshot time."""
 
-    __slots__ = ("name", "ref", "kind", "training", "marked", "is_bn", "own_frozen", "site")
+    __slots__ = ("name", "ref", "kind", "training", "marked", "is_bn", "stochastic", "own_frozen", "site")
 
     def __init__(self, name, module, kind, marked):
         self.name = name or "(root)"
@@ -32,6 +32,7 @@ class SensitiveEntry:
         self.training = module.training
         self.marked = marked
         self.is_bn = sensitivity.is_batchnorm(module)
+        self.stochastic = sensitivity.is_stochastic(module, kind)  # random in train mode
         # BatchNorm and friends own their affine parameters; a custom module's
         # parameters may sit in children.
         self.own_frozen = sensitivity.params_frozen(module, recurse=not self.is_bn)
@@ -67,7 +68,7 @@ def walk_marked(root: nn.Module, frozen_patterns: Iterable[str] = ()):
 class ModeSnapshot:
     __slots__ = (
         "root_training", "entries", "state", "train_sensitive", "eval_sensitive",
-        "frozen_bn_in_train", "train_bn", "probed", "owners", "plain_train", "step_quiet", "__weakref__",
+        "frozen_bn_in_train", "train_bn", "train_dropout", "probed", "owners", "plain_train", "step_quiet", "__weakref__",
     )
 
     def __init__(self, root: nn.Module, frozen_patterns: Iterable[str] = ()):
@@ -92,6 +93,8 @@ class ModeSnapshot:
         #: module in train mode. The hot path keeps no per-forward record for these.
         self.plain_train = self.root_training and self.state in ("train", "none")
         self.train_bn = tuple(e for e in self.train_sensitive if e.is_bn)
+        #: Modules that are random in this snapshot: in train mode, stochastic, not marked.
+        self.train_dropout = tuple(e for e in self.train_sensitive if e.stochastic and not e.marked)
         self.frozen_bn_in_train = self._frozen_bn()
         #: (index, entry) of the modules every grad-enabled forward probes (needs_probe)
         self.probed = self.needs_probe()

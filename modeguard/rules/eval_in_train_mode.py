@@ -15,6 +15,11 @@ from ._base import Rule
 # counts.
 STREAK = 2
 STREAK_AUXILIARY = 8
+# Such a model is still reported when Dropout is active in it: a distillation teacher
+# called under no_grad once per step gives random targets. Counted once per training
+# step, it is reported at the third step it was used in. (MoCo/BYOL/DINO encoders keep
+# only BatchNorm's batch statistics on purpose, and stay quiet.)
+TEACHER_STEPS = 3
 
 
 def _threshold(root) -> int:
@@ -41,11 +46,11 @@ def _presumed_just_before_unused(root, record, act) -> bool:
 class _Streaks:
     """This rule's memory of one model: runs of evaluation-like forwards."""
 
-    __slots__ = ("nograd", "nograd_mark", "nograd_seq", "unused", "unused_mark")
+    __slots__ = ("nograd", "nograd_mark", "nograd_seq", "unused", "unused_mark", "teacher", "teacher_mark")
 
     def __init__(self):
-        self.nograd = self.unused = 0
-        self.nograd_mark = self.nograd_seq = self.unused_mark = -1
+        self.nograd = self.unused = self.teacher = 0
+        self.nograd_mark = self.nograd_seq = self.unused_mark = self.teacher_mark = -1
 
 
 def _new_streaks(root) -> _Streaks:
@@ -64,12 +69,15 @@ class EvalInTrainMode(Rule):
         with the evaluation data, which silently changes the model you later save. A forward
         counts as evaluation when it runs under torch.no_grad()/torch.inference_mode(), or
         when several grad-enabled forwards in a row build graphs that no backward ever uses,
-        with no backward or optimizer step in between.
+        with no backward or optimizer step in between. A model that is never trained,
+        used under no_grad once per step while another model trains (a distillation
+        teacher), is reported when Dropout is active in it: its targets are random.
     """
     quiet_when = [
         "torch.optim.swa_utils.update_bn (it recomputes BatchNorm statistics in train mode on purpose)",
         "Monte-Carlo dropout: the model is in eval and dropout modules were switched back to train one by one, or the model is in train with every norm layer put back in eval",
-        "a single no_grad forward between training steps (GAN fake batches), or a few per step of a model that is not itself trained (MoCo/BYOL momentum encoders, EMA teachers, target networks)",
+        "a single no_grad forward between training steps (GAN fake batches), or a few per step of a model that is not itself trained and has no Dropout active (MoCo/BYOL/DINO momentum encoders, whose train mode is BatchNorm's batch statistics on purpose)",
+        "an EMA or Mean Teacher whose Dropout noise is wanted: say so with `with modeguard.allow(\"MG201\")` around its forward",
         "code under `with modeguard.allow(\"MG201\")`",
     ]
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
@@ -89,6 +97,25 @@ class EvalInTrainMode(Rule):
             s.nograd, s.nograd_mark, s.nograd_seq = 1, act, seq
         if s.nograd >= _threshold(root):
             self._fire(guard, root, snapshot, None, "under torch.no_grad()/inference_mode()", None)
+        elif snapshot.train_dropout and not root.trained and act != s.teacher_mark:
+            self._count_teacher_step(guard, root, snapshot, s, act)
+
+    def _count_teacher_step(self, guard, root, snapshot, s, act):
+        """A model no backward reached, used under no_grad again after another model's
+        backward or step, with Dropout active. (Once per step: the streak above, which
+        a step breaks, never grows.) ACTIVITY, not this guard's own steps: the teacher
+        may have a guard of its own."""
+        s.teacher_mark = act
+        s.teacher += 1
+        if s.teacher < TEACHER_STEPS:
+            return
+        names = [e.name for e in snapshot.train_dropout]
+        self._fire(
+            guard, root, snapshot, None, None, None, names=names,
+            headline=(f"a model that is not trained runs under torch.no_grad() at every step while another model "
+                      f"trains, with {len(names)} Dropout modules in train mode: its outputs (targets, "
+                      f"pseudo-labels) are random"),
+        )
 
     def on_release(self, guard, record):
         snap = record.snapshot
@@ -106,16 +133,17 @@ class EvalInTrainMode(Rule):
         if s.unused >= _threshold(root) and record.where is not None:
             self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
 
-    def _fire(self, guard, root, snap, where, how, allowed):
+    def _fire(self, guard, root, snap, where, how, allowed, names=None, headline=None):
         if stack_has_function({"update_bn"}, "swa_utils"):
             return
         if snap.eval_sensitive and all(e.kind == "dropout" for e in snap.train_sensitive):
             # Monte-Carlo dropout spelled model.train() + norm layers put back in eval:
             # only dropout is left stochastic, deliberately.
             return
-        names = [e.name for e in snap.train_sensitive if not e.marked] or [e.name for e in snap.train_sensitive]
+        if names is None:
+            names = [e.name for e in snap.train_sensitive if not e.marked] or [e.name for e in snap.train_sensitive]
         guard.emit(
             self, severity=None, root=root, where=where, modules=names, mode_site=root.root_site(),
-            headline=f"the model is being evaluated ({how}) while {len(names)} mode-sensitive modules are in train mode",
+            headline=headline or f"the model is being evaluated ({how}) while {len(names)} mode-sensitive modules are in train mode",
             allowed=allowed,
         )
