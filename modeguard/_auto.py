@@ -34,10 +34,11 @@ from typing import List, Optional
 import torch.nn as nn
 import torch.optim.optimizer as optimizer_module
 
+from . import _compiled
 from ._exceptions import ModeGuardWarning
 from ._frames import user_frame
 from ._guard import Guard, guard_of
-from ._hotpath import before_step, make_post_hook, make_pre_hook
+from ._hotpath import _compiling, before_step, make_post_hook, make_pre_hook
 from ._patches import Patches
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
@@ -96,6 +97,10 @@ class AutoSession:
             direct = inline and self._compiled_call_impl is None
             if depth[0]:
                 return self._call_impl(*args, **kwargs) if direct else orig(self, *args, **kwargs)
+            if _compiling():
+                # Dynamo is tracing a compiled function that calls the model: a constant
+                # here, so the graph holds torch's own __call__ and no guard on our state.
+                return orig(self, *args, **kwargs)
             entry = known.get(id(self))
             if entry is None:
                 entry = session._discover(self)
@@ -127,6 +132,12 @@ class AutoSession:
         try:
             if not guard.active:
                 entry = _SKIP
+            elif _compiled.optimized_module(module) is not None:
+                # torch.compile(model): its calls are the model's, seen from outside.
+                inner = _compiled.optimized_module(module)
+                entry = self._known.get(id(inner)) or self._discover(inner)
+                if isinstance(entry, _Root):
+                    _compiled.go_outside(guard, entry.st)
             elif guard_of(module) not in (None, guard):
                 entry = _FOREIGN
             elif next(module.parameters(), None) is None and not ModeSnapshot(module).entries:
@@ -181,6 +192,8 @@ class AutoSession:
 
     def _step_pre(self, optimizer, args, kwargs):
         guard = self.guard
+        if _compiling():
+            return None  # a compiled function that steps: dynamo traces this hook
         if guard._active:  # the attribute, not the property: this runs on every step
             ost = guard._opts.get(id(optimizer))
             if ost is None:

@@ -22,6 +22,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from . import _compiled
 from ._config import Config, Severity, resolve, split_frozen
 from ._exceptions import ModeGuardWarning
 from ._frames import Location, to_location, user_location
@@ -154,6 +155,7 @@ class Guard:
         ``_hotpath``'s hooks itself (automatic mode's ``__call__`` wrapper)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"modeguard.watch() expects a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+        model, wrapper = _compiled.unwrap(model)  # torch.compile(model): watch the model itself
         if not self.active or id(model) in self._roots:
             return self
         other = guard_of(model)
@@ -169,6 +171,8 @@ class Guard:
         self.roots_version += 1
         _GUARDS[model] = self
         self._finalizers.append(weakref.finalize(model, self._forget_root, id(model)))
+        if wrapper is not None or model.__dict__.get("_compiled_call_impl") is not None:
+            _compiled.go_outside(self, st, wrapper)
         return self
 
     def unique_name(self, base: str) -> str:

@@ -38,6 +38,9 @@ from .observe.pickling import mark
 #: A countdown that never runs out: no ordinary training forward is followed.
 _NEVER = 1 << 62
 
+#: Constant True while dynamo traces (it evaluates this call at trace time, with no guard).
+_compiling = torch.compiler.is_compiling
+
 
 def drain_released() -> None:
     """Hand graphs that were freed unused to their rules (called from hooks, never from
@@ -59,7 +62,7 @@ def arm(st) -> None:
     The pre-hook stays only while the snapshot has modules to probe (``observe/inputs.py``),
     because any forward pre-hook sends every call of the model down PyTorch's slower hook
     path; for the ordinary training model it is gone after one forward."""
-    if st.pre_handle is None and st.hooked and st.active:
+    if st.pre_handle is None and st.hooked and st.active and not st.compiled:
         m = st.ref()
         if m is not None:
             st.pre_handle = m.register_forward_pre_hook(mark(make_pre_hook(st)), prepend=True, with_kwargs=True)
@@ -70,15 +73,17 @@ def make_pre_hook(st):
     catch up with mode changes, and probe the grad-enabled forwards that need it."""
 
     def modeguard_forward_pre_hook(module, args, kwargs):
+        if _compiling():
+            return None  # traced by dynamo: stay out of the graph (see make_post_hook)
         if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
-            st.rescan(module)
+            st.rescan(st.ref())
         if st.probing:
             if torch.is_grad_enabled():
-                inputs.begin(st, module, args, kwargs)
+                inputs.begin(st, st.ref(), args, kwargs)
         elif st.pre_handle is not None:
             st.disarm()
         if st.sample_due:
-            calls.begin(st, module)  # MG202: this eval-mode forward's torch calls are looked at
+            calls.begin(st, st.ref())  # MG202: this eval-mode forward's torch calls are looked at
         return None
 
     return modeguard_forward_pre_hook
@@ -90,10 +95,15 @@ def make_post_hook(guard, st):
     get_allowed = ALLOWED.get
 
     def modeguard_forward_hook(module, args, output):
+        if _compiling():
+            # Dynamo is tracing the model (compiled inside something larger): a constant
+            # here, so nothing of modeguard's becomes part of the graph or of its guards.
+            # A compiled model itself is watched from outside (``_compiled.py``).
+            return
         if RELEASED:
             drain_released()
         if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
-            st.rescan(module)  # changed during the forward itself
+            st.rescan(st.ref())  # changed during the forward itself
         snap = st.snapshot
         act = ACTIVITY[0]
         if torch.is_grad_enabled():
@@ -118,7 +128,7 @@ def make_post_hook(guard, st):
 
 def follow(guard, st, snap, output, act) -> None:
     """Tie this forward to its backward, or learn that its graph was freed unused."""
-    probe = inputs.take(st) if st.probe_session is not None else None
+    probe = inputs.take(st) if st.probe_session is not None else inputs.COMPILED if st.compiled else None
     nodes = output_grad_fns(output)
     if not nodes:
         if st.has_trainable and holds_no_graph(output):
@@ -145,6 +155,8 @@ def make_step_pre_hook(guard, ost):
 def before_step(guard, ost, optimizer, args, kwargs):
     """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``. Returns new
     ``(args, kwargs)`` for a step with a closure (see ``_check_after_closure``)."""
+    if _compiling():
+        return None  # a compiled function that steps: dynamo traces this hook
     # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
     if kwargs or len(args) > 1:
         checked = _check_after_closure(guard, ost, optimizer, args, kwargs)

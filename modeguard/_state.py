@@ -27,7 +27,7 @@ class RootState:
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable", "grad_marks",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
         "countdown", "grads_persist", "polls_due", "rule_state", "sample_due", "eval_snapshots", "call_watch",
-        "handles", "probing", "probe_session", "active", "hooked", "pre_handle", "__weakref__",
+        "handles", "probing", "probe_session", "compiled", "active", "hooked", "pre_handle", "__weakref__",
     )
 
     def __init__(self, guard, module: nn.Module, name: str):
@@ -65,6 +65,9 @@ class RootState:
         # sensitive modules in eval), and the probes of the forward under way.
         self.probing = False
         self.probe_session = None
+        # Set when the model runs compiled (``_compiled.py``): it is then watched from
+        # outside the compiled code, and nothing is hooked inside it.
+        self.compiled = False
         self.active = True
         self.hooked = False      # True when the model carries our hooks (watch(), not auto)
         self.pre_handle = None   # the one-shot pre-hook, while armed
@@ -81,8 +84,8 @@ class RootState:
         guard = self.guard
         self.snapshot = ModeSnapshot(module, guard.config.frozen)
         self.snapshot.step_quiet = guard.step_quiet(self.snapshot)
-        self.probing = bool(self.snapshot.probed)
-        self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules)
+        self.probing = bool(self.snapshot.probed) and not self.compiled
+        self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules) and not self.compiled
 
     def disarm(self) -> None:
         if self.pre_handle is not None:

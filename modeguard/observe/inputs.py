@@ -30,6 +30,10 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from .pickling import mark
 
 
+#: The readings of a forward that ran compiled: nothing inside it could be looked at.
+COMPILED = {}
+
+
 def _tensors(args, kwargs):
     for a in args:
         if isinstance(a, torch.Tensor):

@@ -180,6 +180,10 @@ def _note_training(module: nn.Module, value) -> None:
 
 
 def _setattr_wrapper(wrapped, instance, args, kwargs):
+    if args and args[0] == "_compiled_call_impl" and instance is not None:
+        out = wrapped(*args, **kwargs)
+        _compiled_in_place(instance)  # model.compile()
+        return out
     if args and args[0] == "training" and instance is not None:
         old = instance.__dict__.get("training")
         # `old is None` is construction (Module.__init__): not a mode change.
@@ -199,6 +203,26 @@ def _on_structure_change(*_args):
     _epoch_moved()
 
 
+def _on_module_registered(module, name, submodule):
+    _on_structure_change()
+    if name == "_orig_mod":  # torch.compile(model) wrapping a model
+        try:
+            from .._compiled import on_wrapped
+
+            on_wrapped(module, submodule)
+        except Exception:  # never break the user's torch.compile() over bookkeeping
+            pass
+
+
+def _compiled_in_place(module):
+    try:
+        from .._compiled import on_compiled_in_place
+
+        on_compiled_in_place(module)
+    except Exception:
+        pass
+
+
 def _install(patches: Patches) -> None:
     for name, wrapper in (
         ("train", _train_wrapper),
@@ -209,7 +233,7 @@ def _install(patches: Patches) -> None:
     if "__reduce_ex__" not in nn.Module.__dict__:
         patches.replace(nn.Module, "__reduce_ex__", pickling.module_reduce_ex)
     reg = nn.modules.module
-    patches.add_handle(reg.register_module_module_registration_hook(_on_structure_change))
+    patches.add_handle(reg.register_module_module_registration_hook(_on_module_registered))
     patches.add_handle(reg.register_module_parameter_registration_hook(_on_structure_change))
     STRUCTURE_EPOCH[0] += 1
     MODE_EPOCH[0] += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._config import Severity
-from ..observe.inputs import in_frozen_part
+from ..observe.inputs import COMPILED, in_frozen_part
 from ._base import Rule
 
 
@@ -39,14 +39,20 @@ class StepInEval(Rule):
             self._diagnose(guard, st, rec)
 
     @staticmethod
-    def _trained_through(model, entry, reading) -> bool:
+    def _trained_through(model, entry, probe, i) -> bool:
         """A parameter-free module in eval (``observe/inputs.py``): gradients flowed
         through it, or it was fed the model's own inputs and is not part of a frozen
-        submodule. Quiet when it never ran with grad enabled, or sat behind frozen layers."""
+        submodule. Quiet when it never ran with grad enabled, or sat behind frozen layers.
+        A compiled forward could not be looked into: then only the frozen-part test."""
+        if model is None:
+            return False
+        if probe is COMPILED:
+            return not in_frozen_part(model, entry.name)
+        reading = probe.get(i) if probe else None
         if not reading:
             return False
         needs_grad, fed = reading
-        return needs_grad or (fed and model is not None and not in_frozen_part(model, entry.name))
+        return needs_grad or (fed and not in_frozen_part(model, entry.name))
 
     def _diagnose(self, guard, st, rec):
         snap = rec.snapshot
@@ -58,7 +64,7 @@ class StepInEval(Rule):
                 continue
             if e.site is not None and e.site.how == "override":
                 continue
-            if e.param_free and not self._trained_through(model, e, rec.probe and rec.probe.get(i)):
+            if e.param_free and not self._trained_through(model, e, rec.probe, i):
                 continue
             offending.append(e)
         if not offending:
