@@ -150,7 +150,8 @@ def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.N
     try:
         check_target(module or script, as_module=module is not None)
     except ProgramNotFound as exc:
-        parser.error(str(exc))
+        hint = " (to launch workers, run `modeguard run -m torch.distributed.run ...`)" if script == "torchrun" else ""
+        parser.error(f"{exc}{hint}")
     args.module, args.script, args.program_args = module, script, program_args
     args.run_options = options  # what a launcher's workers are given (_distributed)
     return args

@@ -155,22 +155,34 @@ class RankExchange:
     def share(self, step: int, modes: Modes) -> Tuple[Optional[Disagreement], bool]:
         """Write this rank's modes at ``step`` and compare with what its peers wrote.
         Returns the disagreement found (None if none), and whether some peer has not
-        written ``step`` yet (so a look one step later may still find it)."""
+        written ``step`` yet (then ``recheck`` one step later may still find it)."""
         if self.broken:
             return None, False
         if not self.history or self.history[-1][0] != step:
             self.history.append((step, modes))
         try:
+            self.calls += 1
             self.store.set(self._key(self.rank), encode(self.rank, self.history))
             values = self._read()
         except Exception:  # the store is gone (a rank died, the group was destroyed)
             self.broken = True
             return None, False
-        return self._compare(step, modes, values)
+        return self._compare(values)
+
+    def recheck(self) -> Tuple[Optional[Disagreement], bool]:
+        """Read the peers again, for the step shared last (nothing is written)."""
+        if self.broken or not self.history:
+            return None, False
+        try:
+            values = self._read()
+        except Exception:
+            self.broken = True
+            return None, False
+        return self._compare(values)
 
     def _read(self) -> List[Optional[bytes]]:
         keys = [self._key(r) for r in self.peers]
-        self.calls += 2
+        self.calls += 1
         if self.store.check(keys):  # all there: the common case after the first polls
             self.calls += 1
             multi_get = getattr(self.store, "multi_get", None)
@@ -188,8 +200,9 @@ class RankExchange:
                 values.append(None)
         return values
 
-    def _compare(self, step: int, modes: Modes, values) -> Tuple[Optional[Disagreement], bool]:
+    def _compare(self, values) -> Tuple[Optional[Disagreement], bool]:
         mine = dict(self.history)
+        step, modes = self.history[-1]
         behind = False
         found: Dict[int, Dict[int, Modes]] = {}  # step -> rank -> its modes there
         for peer, value in zip(self.peers, values):

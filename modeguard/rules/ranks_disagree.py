@@ -38,13 +38,14 @@ def next_look(step: int) -> int:
 class _ModelState:
     """What MG501 keeps per watched model (``RootState.rule_state["MG501"]``)."""
 
-    __slots__ = ("exchange", "step", "interval", "retries", "modes", "snapshot")
+    __slots__ = ("exchange", "step", "interval", "due", "retries", "modes", "snapshot")
 
     def __init__(self, exchange, step):
         self.exchange = exchange
         self.step = step        # steps with new gradients so far, at this look
         self.interval = 0       # what the previous look asked for
-        self.retries = 0
+        self.due = step         # the next scheduled look
+        self.retries = 0        # looks again, one step apart, since the last scheduled one
         self.modes = None       # ranks.Modes of ``snapshot`` (built once per snapshot)
         self.snapshot = None
 
@@ -83,31 +84,35 @@ class RanksDisagree(Rule):
             module = root.ref()
             exchange = ranks.exchange_for(guard, module) if module is not None else None
             # A model that is not a DDP/FSDP wrapper never becomes one: decided once.
-            state = root.rule_state[self.code] = _ModelState(exchange, 0)
-            if exchange is None:
-                return NEVER
-            state.step = guard.poll_interval  # this first look comes after that many steps
+            # This first look comes after the guard's first poll interval.
+            state = root.rule_state[self.code] = _ModelState(exchange, guard.poll_interval)
         elif state.exchange is None:
             return NEVER
         else:
             # Polled exactly when asked (EVERY is no more than any other poll rule's).
             state.step += state.interval
+        if state.exchange is None:
+            return NEVER
         return self._look(guard, root, snapshot, state)
 
     def _look(self, guard, root, snapshot, state) -> int:
-        if state.snapshot is not snapshot:
-            state.snapshot, state.modes = snapshot, ranks.Modes.of(snapshot)
-        found, behind = state.exchange.share(state.step, state.modes)
+        exchange = state.exchange
+        if state.step >= state.due:
+            if state.snapshot is not snapshot:
+                state.snapshot, state.modes = snapshot, ranks.Modes.of(snapshot)
+            found, behind = exchange.share(state.step, state.modes)
+            state.due = state.step + next_look(state.step)
+            state.retries = 0
+        else:  # a peer had not caught up with the step shared last: read it again
+            found, behind = exchange.recheck()
         if behind and state.retries < RETRIES:
             state.retries += 1
-            interval = 1
+            state.interval = 1
         else:
-            state.retries = 0
-            interval = next_look(state.step)
-        state.interval = interval
+            state.interval = state.due - state.step
         if found is not None:
             self._report(guard, root, found)
-        return interval
+        return state.interval
 
     def _report(self, guard, root, found: "ranks.Disagreement") -> None:
         mine = found.mine
