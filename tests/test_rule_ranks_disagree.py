@@ -90,6 +90,16 @@ def test_rank0_only_validation_reports_mg101_on_rank0_and_mg501_on_both(ranks):
     assert f"rank 0: module.bn, module.drop in eval (Net.eval() at ddp_ranks.py:{eval_line})" in other["headline"]
 
 
+def test_a_model_watched_before_ddp_wraps_it_is_compared_too(ranks):
+    # watch(model) and then DDP(model): the rule learns the wrapper from a forward.
+    zero, one = ranks[0]["model_watched_inside_ddp"], ranks[1]["model_watched_inside_ddp"]
+    assert codes(zero) == ["MG101", "MG501"] and codes(one) == ["MG501"]
+    for r, result in ((0, zero), (1, one)):
+        (mg501,) = [v for v in result["violations"] if v["code"] == "MG501"]
+        assert mg501["model"] == f"Net (rank {r})" and mg501["modules"] == ["bn", "drop"]
+        assert "(at step 16)" in mg501["headline"]
+
+
 # ---- stays quiet -----------------------------------------------------------------------
 
 

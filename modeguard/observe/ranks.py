@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .._frames import Location
 from .modes import ModeSite
+from .pickling import mark
 
 #: Polls a rank keeps in what it writes: enough to cover the ranks' retries around one
 #: scheduled poll (``rules/ranks_disagree.py``) and a few scheduled ones before it.
@@ -271,14 +272,55 @@ def _fingerprint(module: nn.Module) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
-def exchange_for(guard, module: nn.Module) -> Optional[RankExchange]:
+class WrapperProbe:
+    """Which DDP wrapper runs a model watched on its own (``watch(model)`` before or after
+    ``DDP(model)``): a forward pre-hook on the model asks DDP which wrapper's forward is
+    running (``DistributedDataParallel._get_active_ddp_module``, DDP's own record of it
+    for torch.compile). Placed at the rule's first look, removed at its next one, which
+    runs in an optimizer step, never inside a forward."""
+
+    def __init__(self, module: nn.Module, handles: list):
+        self.found = None
+        self._handles = handles
+        active_wrapper = nn.parallel.DistributedDataParallel._get_active_ddp_module
+        is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+        def modeguard_ddp_probe(mod, args):
+            if self.found is None and not is_compiling():
+                wrapper = active_wrapper()
+                if wrapper is not None and wrapper.module is mod:
+                    self.found = weakref.ref(wrapper)
+
+        self.handle = module.register_forward_pre_hook(mark(modeguard_ddp_probe))
+        handles.append(self.handle)  # removed with the model's other hooks by unwatch()
+
+    @staticmethod
+    def possible(module: nn.Module) -> bool:
+        dist = torch.distributed
+        try:
+            initialized = dist.is_available() and dist.is_initialized()
+        except Exception:
+            return False
+        return (initialized and process_group_of(module) is None
+                and hasattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module"))
+
+    def finish(self) -> Optional[nn.Module]:
+        """Remove the hook; the wrapper seen, if any."""
+        self.handle.remove()
+        if self.handle in self._handles:
+            self._handles.remove(self.handle)
+        return self.found() if self.found is not None else None
+
+
+def exchange_for(guard, module: nn.Module, wrapper: Optional[nn.Module] = None) -> Optional[RankExchange]:
     """The exchange for a watched model whose replicas other ranks train, or None (not a
-    DDP/FSDP model, a group of one rank, torch.distributed not initialized)."""
+    DDP/FSDP model, a group of one rank, torch.distributed not initialized). ``wrapper``
+    is the DDP that runs ``module``, when the model itself is watched (``WrapperProbe``)."""
     dist = torch.distributed
     try:
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        group = process_group_of(module)
+        group = process_group_of(wrapper if wrapper is not None else module)
         if group is None:
             return None
         ranks = sorted(dist.get_process_group_ranks(group))

@@ -38,10 +38,11 @@ def next_look(step: int) -> int:
 class _ModelState:
     """What MG501 keeps per watched model (``RootState.rule_state["MG501"]``)."""
 
-    __slots__ = ("exchange", "step", "interval", "due", "retries", "modes", "snapshot")
+    __slots__ = ("exchange", "probe", "step", "interval", "due", "retries", "modes", "snapshot")
 
     def __init__(self, exchange, step):
         self.exchange = exchange
+        self.probe = None       # ranks.WrapperProbe, between the first two looks
         self.step = step        # steps with new gradients so far, at this look
         self.interval = 0       # what the previous look asked for
         self.due = step         # the next scheduled look
@@ -83,14 +84,26 @@ class RanksDisagree(Rule):
         if state is None:
             module = root.ref()
             exchange = ranks.exchange_for(guard, module) if module is not None else None
-            # A model that is not a DDP/FSDP wrapper never becomes one: decided once.
             # This first look comes after the guard's first poll interval.
             state = root.rule_state[self.code] = _ModelState(exchange, guard.poll_interval)
-        elif state.exchange is None:
+            if exchange is None and root.hooked and ranks.WrapperProbe.possible(module):
+                # watch(model) with DDP(model) around it: learn the wrapper from the
+                # forwards until the next step.
+                state.probe = ranks.WrapperProbe(module, root.handles)
+                state.due = state.step + 1
+                state.interval = 1
+                return 1
+        elif state.exchange is None and state.probe is None:
+            # A model that is not a DDP/FSDP wrapper, nor run by one, never becomes one.
             return NEVER
         else:
             # Polled exactly when asked (EVERY is no more than any other poll rule's).
             state.step += state.interval
+        if state.probe is not None:
+            wrapper, state.probe = state.probe.finish(), None
+            module = root.ref()
+            if wrapper is not None and module is not None:
+                state.exchange = ranks.exchange_for(guard, module, wrapper)
         if state.exchange is None:
             return NEVER
         return self._look(guard, root, snapshot, state)

@@ -149,6 +149,16 @@ def scenario_rank0_validates(rank):
         return {"violations": found(guard)}
 
 
+def scenario_model_watched_inside_ddp(rank):
+    """The same bug with the model itself watched, and wrapped in DDP afterwards."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        ddp = DDP(model)
+        train(rank, ddp, opt, batches(rank, 8), 3, lambda r, m, x: validate(m, x) if r == 0 else None)
+        return {"violations": found(guard)}
+
+
 def scenario_no_sync(rank):
     """Gradient accumulation over 4 micro-batches with no_sync(), every rank validating."""
     model = Net()
@@ -259,6 +269,7 @@ def main():
         os.replace(path + ".tmp", path)
 
     for name, fn in [("clean", scenario_clean), ("rank0_validates", scenario_rank0_validates),
+                     ("model_watched_inside_ddp", scenario_model_watched_inside_ddp),
                      ("no_sync", scenario_no_sync), ("find_unused", scenario_find_unused),
                      ("unwrapped", scenario_unwrapped), ("uneven", scenario_uneven)]:
         results[name] = fn(rank)
