@@ -100,6 +100,17 @@ def test_a_model_watched_before_ddp_wraps_it_is_compared_too(ranks):
         assert "(at step 16)" in mg501["headline"]
 
 
+def test_fsdp_ranks_that_disagree_are_reported(ranks):
+    # Every rank validates, and only rank 0 calls train() again: rank 1 trains in eval.
+    zero, one = ranks[0]["fsdp_rank0_trains"], ranks[1]["fsdp_rank0_trains"]
+    assert codes(zero) == ["MG501"] and codes(one) == ["MG101", "MG501"]
+    (mg501,) = [v for v in one["violations"] if v["code"] == "MG501"]
+    assert mg501["model"] == "FullyShardedDataParallel (rank 1)"
+    assert mg501["modules"] == ["_fsdp_wrapped_module.bn", "_fsdp_wrapped_module.drop"]
+    assert "rank 1 (this rank): _fsdp_wrapped_module.bn, _fsdp_wrapped_module.drop in eval" in mg501["headline"]
+    assert "rank 0: _fsdp_wrapped_module.bn, _fsdp_wrapped_module.drop in train" in mg501["headline"]
+
+
 # ---- stays quiet -----------------------------------------------------------------------
 
 

@@ -141,8 +141,8 @@ class RanksDisagree(Rule):
             who = _ranks_text(rs, found.rank)
             parts.append(f"{who}: {_modules_text(sites[rs[0]], idx)}")
         headline = (
-            f"the ranks train this model with different modes (at step {found.step}), so DDP averages "
-            f"gradients from replicas that compute different functions: " + "; ".join(parts)
+            f"the ranks train this model with different modes (at step {found.step}), so the gradients "
+            f"averaged across them come from replicas that compute different functions: " + "; ".join(parts)
         )
         site = next((mine.sites[i] for i in idx if mine.sites[i] is not None), None)
         guard.emit(self, severity=None, root=root, where=None, modules=[mine.names[i] for i in idx],

@@ -159,6 +159,31 @@ def scenario_model_watched_inside_ddp(rank):
         return {"violations": found(guard)}
 
 
+def scenario_fsdp_rank0_trains(rank):
+    """FSDP (FullyShardedDataParallel): every rank validates (its forward is a collective),
+    and only rank 0 puts the model back in train mode."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = Net()
+    fsdp = FSDP(model, device_id=torch.device("cpu"))
+    opt = torch.optim.SGD(fsdp.parameters(), lr=0.05)
+    with modeguard.watch(fsdp, opt, on_violation="record") as guard:
+        data = batches(rank, 8)
+        fsdp.train()
+        for step in range(1, 25):
+            x, y = data[step % 8]
+            opt.zero_grad()
+            F.cross_entropy(fsdp(x), y).backward()
+            opt.step()
+            if step % 8 == 0:
+                fsdp.eval()
+                with torch.no_grad():
+                    fsdp(data[0][0])
+                if rank == 0:
+                    fsdp.train()
+        return {"violations": found(guard)}
+
+
 def scenario_no_sync(rank):
     """Gradient accumulation over 4 micro-batches with no_sync(), every rank validating."""
     model = Net()
@@ -256,6 +281,7 @@ def main():
     torch.set_num_threads(1)
     # torch 2.13 renames it; the old name still says "do not sync buffers at all".
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.fsdp")
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {"schedule": {"every": EVERY, "retries": RETRIES}}
@@ -270,6 +296,7 @@ def main():
 
     for name, fn in [("clean", scenario_clean), ("rank0_validates", scenario_rank0_validates),
                      ("model_watched_inside_ddp", scenario_model_watched_inside_ddp),
+                     ("fsdp_rank0_trains", scenario_fsdp_rank0_trains),
                      ("no_sync", scenario_no_sync), ("find_unused", scenario_find_unused),
                      ("unwrapped", scenario_unwrapped), ("uneven", scenario_uneven)]:
         results[name] = fn(rank)
