@@ -296,10 +296,12 @@ def test_wrapping_the_launcher_watches_every_worker(torchrun):
     assert proc.returncode == 3, err[-3000:]
     assert "checking is off" not in err
     assert "in -m torch.distributed.run" not in err  # no summary of the launcher as a program
-    assert err.rstrip("\n").splitlines()[-2:] == [
-        "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary.",
-        "modeguard: exit status 3: ranks 0, 1 exited 3 for violations at or above --fail-on error (the launcher exited 1).",
-    ]
+    head, tail = err.rstrip("\n").splitlines()[-2:]
+    assert head == "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary."
+    # Both ranks exit 3; torchelastic may stop the later one while Python shuts it down,
+    # after its report is written (the tests below read both), so it may count as stopped.
+    assert re.fullmatch(r"modeguard: exit status 3: (rank [01]|ranks 0, 1) exited 3 for violations at or above "
+                        r"--fail-on error \(the launcher exited 1\)\.", tail), tail
     zero, one = _summary(err, 0), _summary(err, 1)
     assert zero.startswith("modeguard (rank 0 of 2): 2 error, 0 warning, 0 info in ddp_train.py "
                            "(models watched: DistributedDataParallel, DistributedDataParallel.module)")
