@@ -209,7 +209,8 @@ def _run_launcher(args) -> int:
         args.module or args.script, args.program_args, as_module=args.module is not None,
         main=lambda: distributed.launch_workers(args.program_args, args.run_options, launch),
     )
-    head, status, tail = distributed.launch_summary(launch, outcome.exit_status, args.fail_on, EXIT_VIOLATIONS)
+    head, status, tail = distributed.launch_summary(launch, outcome.exit_status, args.fail_on, EXIT_VIOLATIONS,
+                                                    args.report_json)
     _write_at_once(sys.stderr, f"{head}\n{tail}\n")
     return status
 

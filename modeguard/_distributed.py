@@ -174,14 +174,23 @@ def launch_workers(launcher_args: List[str], run_options: List[str], launch: Lau
         raise SystemExit(1) from None
 
 
-def launch_summary(launch: Launch, program_status: int, fail_on: str, violations_status: int) -> tuple:
+def launch_summary(launch: Launch, program_status: int, fail_on: str, violations_status: int,
+                   report_json: Optional[str] = None) -> tuple:
     """The launcher process's own summary (each worker prints its own) and its exit
     status: ``violations_status`` when a worker exited with it, the launcher's otherwise."""
     if not launch.followed:
         head = (f"modeguard: torch.distributed.run ran {launch.direct!r} directly (--no-python), so its workers "
                 f"were not checked; launch `torchrun --no-python modeguard run SCRIPT.py` to check them.")
         return head, program_status, f"modeguard: exit status {program_status} (the launcher's own)."
-    head = "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary."
+    head = "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary"
+    if report_json:
+        if "{rank}" in report_json:
+            files = report_json.replace("{rank}", "<N>")
+        else:
+            stem, ext = os.path.splitext(report_json)
+            files = f"{stem}.rank<N>{ext}"
+        head += f" and wrote its own JSON report ({files})"
+    head += "."
     failed = sorted(r for r, code in (launch.failures or {}).items() if code == violations_status)
     if not failed:
         return head, program_status, f"modeguard: exit status {program_status} (the launcher's own)."

@@ -236,7 +236,9 @@ def test_no_python_workers_are_left_as_they_are(monkeypatch):
 def test_the_launcher_exits_3_when_a_worker_did_for_violations():
     launch = distributed.Launch(failures={1: 3})
     head, status, tail = distributed.launch_summary(launch, 1, "error", 3)
-    assert "each rank printed its own summary" in head
+    assert head.endswith("each rank printed its own summary.")
+    assert distributed.launch_summary(launch, 1, "error", 3, "r/mg-{rank}.json")[0].endswith(
+        "each rank printed its own summary and wrote its own JSON report (r/mg-<N>.json).")
     assert status == 3
     assert tail == "modeguard: exit status 3: rank 1 exited 3 for violations at or above --fail-on error (the launcher exited 1)."
     # A worker that failed on its own keeps the launcher's status.
@@ -290,14 +292,15 @@ def _summary(err, rank):
 
 
 def test_wrapping_the_launcher_watches_every_worker(torchrun):
-    proc, _ = torchrun
+    proc, out = torchrun
     err = proc.stderr
     assert "rank 0 trained" in proc.stdout and "rank 1 trained" in proc.stdout
     assert proc.returncode == 3, err[-3000:]
     assert "checking is off" not in err
     assert "in -m torch.distributed.run" not in err  # no summary of the launcher as a program
     head, tail = err.rstrip("\n").splitlines()[-2:]
-    assert head == "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary."
+    assert head == (f"modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own "
+                    f"summary and wrote its own JSON report ({out / 'out.rank<N>.json'}).")
     # Both ranks exit 3; torchelastic may stop the later one while Python shuts it down,
     # after its report is written (the tests below read both), so it may count as stopped.
     assert re.fullmatch(r"modeguard: exit status 3: (rank [01]|ranks 0, 1) exited 3 for violations at or above "
