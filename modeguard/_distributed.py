@@ -135,6 +135,8 @@ class Launch:
 
     followed: bool = True            # the workers run under modeguard
     direct: Optional[str] = None     # the program run with --no-python that modeguard cannot follow
+    started: bool = False            # the launcher's arguments were valid: it went on to launch
+    finished: bool = False           # its workers ended (all well, or some failed)
     failures: Optional[dict] = None  # global rank -> exit status, for the workers that failed
 
 
@@ -162,9 +164,12 @@ def launch_workers(launcher_args: List[str], run_options: List[str], launch: Lau
     sys.argv[0] = launcher.__file__
     args = launcher.parse_args(launcher_args)
     _rewrite(args, run_options, launch)
+    launch.started = True
     try:
         record(launcher.run)(args)
+        launch.finished = True
     except ChildFailedError as exc:
+        launch.finished = True
         launch.failures = {rank: f.exitcode for rank, f in exc.failures.items()}
         # As torchrun shows it (its own traceback and message), without modeguard's frames.
         tb = exc.__traceback__
@@ -178,10 +183,17 @@ def launch_summary(launch: Launch, program_status: int, fail_on: str, violations
                    report_json: Optional[str] = None) -> tuple:
     """The launcher process's own summary (each worker prints its own) and its exit
     status: ``violations_status`` when a worker exited with it, the launcher's otherwise."""
+    own = f"modeguard: exit status {program_status} (the launcher's own)."
+    if not launch.started:
+        return "modeguard: torch.distributed.run launched no worker; nothing was checked.", program_status, own
+    if not launch.finished:
+        head = ("modeguard: torch.distributed.run failed (see above); any worker it launched ran under "
+                "modeguard run and printed its own summary.")
+        return head, program_status, own
     if not launch.followed:
         head = (f"modeguard: torch.distributed.run ran {launch.direct!r} directly (--no-python), so its workers "
                 f"were not checked; launch `torchrun --no-python modeguard run SCRIPT.py` to check them.")
-        return head, program_status, f"modeguard: exit status {program_status} (the launcher's own)."
+        return head, program_status, own
     head = "modeguard: torch.distributed.run ran its workers under modeguard run; each rank printed its own summary"
     if report_json:
         if "{rank}" in report_json:
@@ -193,7 +205,7 @@ def launch_summary(launch: Launch, program_status: int, fail_on: str, violations
     head += "."
     failed = sorted(r for r, code in (launch.failures or {}).items() if code == violations_status)
     if not failed:
-        return head, program_status, f"modeguard: exit status {program_status} (the launcher's own)."
+        return head, program_status, own
     who = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
     tail = (f"modeguard: exit status {violations_status}: {who} exited {violations_status} for violations at or "
             f"above --fail-on {fail_on} (the launcher exited {program_status}).")

@@ -228,13 +228,14 @@ def test_no_python_workers_are_left_as_they_are(monkeypatch):
     assert launch.followed and cmd == ["modeguard", "run", "train.py"]  # they check themselves
     launch, cmd = _worker_command(["--no-python", "bash", "job.sh"], [], monkeypatch)
     assert not launch.followed and cmd == ["bash", "job.sh"]
+    launch.started = launch.finished = True
     head, status, tail = distributed.launch_summary(launch, 0, "error", 3)
     assert "ran 'bash' directly (--no-python)" in head and "were not checked" in head
     assert status == 0 and "checking is off" not in head + tail
 
 
 def test_the_launcher_exits_3_when_a_worker_did_for_violations():
-    launch = distributed.Launch(failures={1: 3})
+    launch = distributed.Launch(started=True, finished=True, failures={1: 3})
     head, status, tail = distributed.launch_summary(launch, 1, "error", 3)
     assert head.endswith("each rank printed its own summary.")
     assert distributed.launch_summary(launch, 1, "error", 3, "r/mg-{rank}.json")[0].endswith(
@@ -242,9 +243,23 @@ def test_the_launcher_exits_3_when_a_worker_did_for_violations():
     assert status == 3
     assert tail == "modeguard: exit status 3: rank 1 exited 3 for violations at or above --fail-on error (the launcher exited 1)."
     # A worker that failed on its own keeps the launcher's status.
-    assert distributed.launch_summary(distributed.Launch(failures={0: 1}), 1, "error", 3)[1] == 1
-    assert distributed.launch_summary(distributed.Launch(), 0, "error", 3)[1:] == (
+    failed_alone = distributed.Launch(started=True, finished=True, failures={0: 1})
+    assert distributed.launch_summary(failed_alone, 1, "error", 3)[1] == 1
+    assert distributed.launch_summary(distributed.Launch(started=True, finished=True), 0, "error", 3)[1:] == (
         0, "modeguard: exit status 0 (the launcher's own).")
+    # The launcher itself failed (a rendezvous error): nothing is claimed about workers.
+    head, status, _ = distributed.launch_summary(distributed.Launch(started=True, failures={1: 3}), 1, "error", 3)
+    assert status == 1 and head.startswith("modeguard: torch.distributed.run failed (see above)")
+
+
+def test_bad_launcher_arguments_exit_2_with_torchruns_usage_and_no_claim(run, capsys):
+    status, _, err = run("-m", "torch.distributed.run", "--nproc_per_node=2")
+    assert status == 2
+    assert "the following arguments are required: training_script" in err
+    assert err.rstrip("\n").splitlines()[-2:] == [
+        "modeguard: torch.distributed.run launched no worker; nothing was checked.",
+        "modeguard: exit status 2 (the launcher's own).",
+    ]
 
 
 def test_a_bare_torchrun_is_pointed_at_the_launcher_module(run, tmp_path, monkeypatch, capsys):
