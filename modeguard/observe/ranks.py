@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import sys
 import weakref
 import zlib
@@ -240,8 +241,6 @@ _GUARD_NUMBERS = itertools.count(1)
 def likely_distributed() -> bool:
     """Is this process one rank of several, or about to be (torchrun's ``WORLD_SIZE``)?
     Asked once per guard, to decide how soon the rule first looks."""
-    import os
-
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return True
