@@ -40,7 +40,7 @@ def ranks(tmp_path_factory):
     """{rank: {scenario: result}} from one run of the two ranks."""
     out = tmp_path_factory.mktemp("ranks")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("MODEGUARD", "MODEGUARD_RULES", "RANK", "WORLD_SIZE"):
+    for name in ("MODEGUARD", "MODEGUARD_RULES", "MODEGUARD_BACKWARD_SAMPLE", "RANK", "WORLD_SIZE"):
         env.pop(name, None)
     port = _free_port()
     procs = [
