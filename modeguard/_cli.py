@@ -142,23 +142,30 @@ def _parse_run(parser: argparse.ArgumentParser, tokens: List[str]) -> argparse.N
         parser.error(str(exc))
     args.fail_on = args.config.fail_on.value  # as the summary names it
     if args.report_json:
-        folder = os.path.dirname(os.path.abspath(args.report_json))
+        from ._distributed import rank_info, report_path
+
+        folder = os.path.dirname(os.path.abspath(report_path(args.report_json, rank_info())))
         if not os.path.isdir(folder):
             parser.error(f"argument --report-json: folder {folder!r} does not exist")
     try:
         check_target(module or script, as_module=module is not None)
     except ProgramNotFound as exc:
-        parser.error(str(exc))
+        hint = " (to launch workers, run `modeguard run -m torch.distributed.run ...`)" if script == "torchrun" else ""
+        parser.error(f"{exc}{hint}")
     args.module, args.script, args.program_args = module, script, program_args
+    args.run_options = options  # what a launcher's workers are given (_distributed)
     return args
 
 
 def _cmd_run(args) -> int:
     from . import _auto as auto
+    from . import _distributed as distributed
     from ._runner import run_program
 
     label = f"-m {args.module}" if args.module else args.script
     config = args.config
+    if config.active and distributed.is_launcher(args.module, args.script):
+        return _run_launcher(args)
     guard = auto.start(config=config)
     try:
         outcome = run_program(args.module or args.script, args.program_args, as_module=args.module is not None)
@@ -166,28 +173,58 @@ def _cmd_run(args) -> int:
         watched = auto.watched_names()
         auto.stop()
     report = guard.report()
+    ranks = distributed.rank_info()
     # Violations at or above --fail-on decide the status even when the program failed
     # too (its traceback is already printed, and "exit_status" in the JSON keeps its own).
     worst = report.worst()
     status = EXIT_VIOLATIONS if worst is not None and config.fail_on.fails(worst) else outcome.exit_status
-    _print_summary(report, label, watched, config.active, outcome.exit_status, status, args)
+    failed_write = False
     if args.report_json:
+        path = distributed.report_path(args.report_json, ranks)
         try:
-            with open(args.report_json, "w", encoding="utf-8") as fh:
-                fh.write(report.to_json(script=label, exit_status=outcome.exit_status) + "\n")
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(report.to_json(script=label, exit_status=outcome.exit_status,
+                                        rank=ranks.rank, world_size=ranks.world_size) + "\n")
         except OSError as exc:
             print(f"modeguard run: cannot write the JSON report: {exc}", file=sys.stderr)
-            return status or 2
+            failed_write = True
+    # The summary comes last: under torchrun, the rank's last words before it exits.
+    _print_summary(report, label, watched, config.active, outcome.exit_status, status, args, ranks)
+    if ranks.several:
+        set_by_us = status == EXIT_VIOLATIONS and status != outcome.exit_status
+        if set_by_us:
+            distributed.note_for_launcher(_status_line(outcome.exit_status, status, args.fail_on, report, ranks))
+        distributed.end_of_rank(ranks, failing=set_by_us)
+    return (status or 2) if failed_write else status
+
+
+def _run_launcher(args) -> int:
+    """``modeguard run -m torch.distributed.run ...``: the workers run under modeguard and
+    print their own summaries; this process says what became of them."""
+    from . import _distributed as distributed
+    from ._runner import run_program
+
+    launch = distributed.Launch()
+    outcome = run_program(
+        args.module or args.script, args.program_args, as_module=args.module is not None,
+        main=lambda: distributed.launch_workers(args.program_args, args.run_options, launch),
+    )
+    head, status, tail = distributed.launch_summary(launch, outcome.exit_status, args.fail_on, EXIT_VIOLATIONS,
+                                                    args.report_json)
+    _write_at_once(sys.stderr, f"{head}\n{tail}\n")
     return status
 
 
-def _print_summary(report, label, watched, checked, program_status, status, args) -> None:
-    """The end-of-run summary on stderr: a rich table on a terminal, plain text otherwise."""
+def _print_summary(report, label, watched, checked, program_status, status, args, ranks) -> None:
+    """The end-of-run summary on stderr: a rich table on a terminal, plain text otherwise.
+    Written with one write() call, so that the summaries of ranks sharing a terminal or a
+    log do not interleave line by line."""
     try:
         sys.stderr.flush()
         stream = sys.stderr
+        me = f"modeguard ({ranks})" if ranks.several else "modeguard"
         if not checked:
-            print("modeguard: checking is off (MODEGUARD=off); nothing was checked.", file=stream)
+            _write_at_once(stream, f"{me}: checking is off (MODEGUARD=off); nothing was checked.\n")
             return
         counts = report.counts()
         models = ", ".join(watched) if watched else "none (no model was called)"
@@ -195,24 +232,25 @@ def _print_summary(report, label, watched, checked, program_status, status, args
             f"{counts['error']} error, {counts['warning']} warning, {counts['info']} info"
             if report.violations else "no train/eval mode problems"
         )
-        head = f"modeguard: {found} in {label} (models watched: {models})"
-        tail = _status_line(program_status, status, args.fail_on)
+        head = f"{me}: {found} in {label} (models watched: {models})"
+        tail = _status_line(program_status, status, args.fail_on, report, ranks)
         if stream.isatty():
             from rich.console import Console
 
             from .report import Report
 
             console = Console(file=stream, highlight=False)
-            if report.violations:
-                summary = Report(report.violations, title=head)
-                # The table, then (unless --quiet) each message, as str(report) has them.
-                console.print(summary.table() if args.quiet else summary)
-            else:
-                console.print(head, markup=False, style="green")
-            console.print(tail, markup=False, style="bold" if status != program_status else "")
+            with console.capture() as captured:
+                if report.violations:
+                    summary = Report(report.violations, title=head)
+                    # The table, then (unless --quiet) each message, as str(report) has them.
+                    console.print(summary.table() if args.quiet else summary)
+                else:
+                    console.print(head, markup=False, style="green")
+                console.print(tail, markup=False, style="bold" if status != program_status else "")
+            _write_at_once(stream, captured.get())
         else:
-            print(_plain_summary(report, head, args.quiet) + tail, file=stream)
-        stream.flush()
+            _write_at_once(stream, _plain_summary(report, head, args.quiet) + tail + "\n")
     except Exception as exc:  # pragma: no cover - a broken stderr must not change the status
         try:
             print(f"modeguard: could not print the summary: {exc}", file=sys.__stderr__)
@@ -220,7 +258,23 @@ def _print_summary(report, label, watched, checked, program_status, status, args
             pass
 
 
-def _status_line(program_status: int, status: int, fail_on: str) -> str:
+def _write_at_once(stream, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _status_line(program_status: int, status: int, fail_on: str, report=None, ranks=None) -> str:
+    if ranks is not None and ranks.several:
+        # Under a launcher this is what explains a worker's failure: say who set it.
+        me = f"modeguard ({ranks})"
+        if status != program_status:
+            from ._config import FailOn
+
+            level = FailOn.parse(fail_on)
+            found = ", ".join(sorted({f"{v.code} {v.name}" for v in report.violations if level.fails(v.severity)}))
+            return (f"{me}: exit status {status}, set by modeguard, not by the program (which exited "
+                    f"{program_status}): violations at or above --fail-on {fail_on} ({found}).")
+        return f"{me}: exit status {status} (the program's own)."
     if status != program_status:
         return f"modeguard: exit status {status}: violations at or above --fail-on {fail_on} (the program exited {program_status})."
     return f"modeguard: exit status {status} (the program's own)."

@@ -20,7 +20,7 @@ import runpy
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional
 
 from ._frames import _is_internal
 
@@ -79,9 +79,12 @@ def _show_traceback(exc: BaseException) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
 
 
-def run_program(target: str, args: List[str], as_module: bool = False) -> Outcome:
+def run_program(target: str, args: List[str], as_module: bool = False,
+                main: Optional[Callable[[], None]] = None) -> Outcome:
     """Run ``target`` (a path, or a module name with ``as_module``) with ``args`` as its
-    command line. Returns the outcome; the caller decides what to report."""
+    command line. Returns the outcome; the caller decides what to report. ``main``, when
+    given, is called in place of running the module (the launcher that ``_distributed``
+    starts itself), with the same ``sys.argv``, ``sys.path`` and outcome handling."""
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target, *args]  # for -m, runpy puts the module's file in argv[0]
     if as_module:
@@ -94,7 +97,9 @@ def run_program(target: str, args: List[str], as_module: bool = False) -> Outcom
     # current directory under `python -m modeguard`) is not on a plain run's path.
     sys.path[0:1] = [first]
     try:
-        if as_module:
+        if main is not None:
+            main()
+        elif as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(target, run_name="__main__")

@@ -325,7 +325,7 @@ def test_json_report_is_written_when_the_program_crashes(run, tmp_path):
 
 def test_schema_validator_rejects_broken_reports():
     good = {
-        "modeguard": __version__, "schema": 1, "script": "x.py", "exit_status": 0,
+        "modeguard": __version__, "schema": 1, "script": "x.py", "exit_status": 0, "rank": 1, "world_size": 2,
         "violations": [{
             "code": "MG101", "name": "step-in-eval", "severity": "error", "message": "m", "model": "Net",
             "modules": ["bn"], "location": {"file": "x.py", "line": 3, "function": "f"},
@@ -349,6 +349,10 @@ def test_schema_validator_rejects_broken_reports():
     assert broken(lambda d: d["violations"][0].update(mode_set_at={"how": "x"}))
     assert broken(lambda d: d["violations"][0].update(extra=1))
     assert broken(lambda d: d.update(exit_status=True))
+    assert broken(lambda d: d.update(rank=-1))
+    assert broken(lambda d: d.update(rank="1"))
+    assert broken(lambda d: d.update(world_size=0))
+    assert not broken(lambda d: (d.pop("rank"), d.pop("world_size")))  # Report.to_json() has neither
 
 
 def test_a_program_that_calls_no_model_is_not_said_to_be_unchecked(run, tmp_path):

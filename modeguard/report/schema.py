@@ -69,6 +69,10 @@ REPORT_SCHEMA = {
         "schema": {"const": SCHEMA_VERSION},
         "script": {"type": "string", "description": "modeguard run: the script path, or '-m package.module'"},
         "exit_status": {"type": "integer", "description": "modeguard run: the program's own exit status"},
+        "rank": {"type": "integer", "minimum": 0,
+                 "description": "modeguard run: the rank that wrote it (RANK; 0 for a single process)"},
+        "world_size": {"type": "integer", "minimum": 1,
+                       "description": "modeguard run: how many ranks the program ran as (WORLD_SIZE; 1 for a single process)"},
         "violations": {"type": "array", "items": _VIOLATION},
         "counts": {
             "type": "object",

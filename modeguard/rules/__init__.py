@@ -7,10 +7,12 @@ from .eval_in_train_mode import EvalInTrainMode
 from .dropout_ignores_eval import DropoutIgnoresEval
 from .frozen_bn_drift import FrozenBNDrift
 from .eval_graph_unused import EvalGraphUnused
+from .ranks_disagree import RanksDisagree
 from .step_without_backward import StepWithoutBackward
 
 __all__ = [
-    "RULES", "Rule", "StepInEval", "EvalInTrainMode", "DropoutIgnoresEval", "FrozenBNDrift", "EvalGraphUnused", "StepWithoutBackward",
+    "RULES", "Rule", "StepInEval", "EvalInTrainMode", "DropoutIgnoresEval", "FrozenBNDrift", "EvalGraphUnused", "RanksDisagree",
+    "StepWithoutBackward",
     "get_rule", "rule_code",
 ]
 

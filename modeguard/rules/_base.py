@@ -62,7 +62,8 @@ class Rule:
 
     def on_poll(self, guard, root, snapshot) -> int:
         """Every so many optimizer steps that bring a model new gradients, for what has
-        no hook (``requires_grad`` flips): look again, and return how many such steps to
+        no hook (MG301's ``requires_grad`` flips) or must not run at every step (MG501's
+        exchange with the other ranks): look again, and return how many such steps to
         wait before the next look. The guard polls every model at the shortest interval
         its rules ask for."""
         return self.poll_interval
