@@ -60,7 +60,7 @@ def test_mode_site_describes_each_kind_of_change():
 def test_mode_site_to_dict_and_immutability():
     loc = Location("/src/train.py", 12, "fit")
     assert ModeSite(False, "override", loc, by="Detector").to_dict() == {
-        "training": False, "how": "override", "by": "Detector",
+        "training": False, "how": "override", "by": "Detector", "framework": None,
         "location": {"file": "/src/train.py", "line": 12, "function": "fit"},
     }
     assert ModeSite(True, "assignment", None).to_dict()["location"] is None
