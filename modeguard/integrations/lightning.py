@@ -25,11 +25,14 @@ from ._session import CallbackSession, counts_as_metrics
 
 def _callback_base():
     for name in ("lightning.pytorch", "pytorch_lightning"):
-        if name in sys.modules:
+        if sys.modules.get(name) is not None:
             return sys.modules[name].Callback, name.partition(".")[0]
-    for name, spec in (("lightning.pytorch", "lightning"), ("pytorch_lightning", "pytorch_lightning")):
-        if importlib.util.find_spec(spec) is not None:
-            return importlib.import_module(name).Callback, spec
+    for name, package in (("lightning.pytorch", "lightning"), ("pytorch_lightning", "pytorch_lightning")):
+        try:
+            if importlib.util.find_spec(package) is not None:
+                return importlib.import_module(name).Callback, package
+        except (ImportError, ValueError):  # not installed, or blocked (sys.modules[...] = None)
+            continue
     raise ImportError("modeguard.integrations.lightning needs PyTorch Lightning: pip install lightning "
                       "(or pytorch-lightning)")
 

@@ -74,8 +74,9 @@ class Report:
             t.add_column(col, overflow="fold")
         rows = table_rows(self.violations)
         if width is not None:
-            # The box: a border and a space each side of every cell.
-            rows = fit_rows([COLUMNS, *rows], width, indent=4, gap=3)[1:]
+            # The box: a border and a space each side of every cell, 19 columns in all; a
+            # cell rich had to fold would be harder to read than one cut short.
+            rows = fit_rows([COLUMNS, *rows], width, indent=4, gap=3, min_cell=16)[1:]
         for v, row in zip(self.violations, rows):
             # Text cells: a model named `Net[0]` is not rich markup.
             t.add_row(Text(row[0]), Text(row[1], style=_STYLE.get(v.severity, "")), *map(Text, row[2:]))

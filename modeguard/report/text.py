@@ -120,10 +120,10 @@ _METHOD_OWNER = re.compile(r"\b[\w.]+\.((?:train|eval)\(\))")
 
 
 def fit_rows(rows: Sequence[Tuple[str, ...]], width: int = TABLE_WIDTH, indent: int = 2,
-             gap: int = 2) -> List[Tuple[str, ...]]:
+             gap: int = 2, min_cell: int = _MIN_CELL) -> List[Tuple[str, ...]]:
     """``rows`` (header first) made to fit ``width`` columns where they can: first the
     mode set at cells lose the class before ``.eval()``/``.train()`` (the model column names
-    it), then the model / modules cells are cut, keeping ``_MIN_CELL`` of them. A location
+    it), then the model / modules cells are cut, keeping ``min_cell`` of them. A location
     (``file:line``) is never cut: a table whose locations alone are wider stays wider."""
     def excess(rows):
         return indent + sum(max(len(r[i]) for r in rows) for i in range(len(COLUMNS))) + gap * (len(COLUMNS) - 1) - width
@@ -134,8 +134,8 @@ def fit_rows(rows: Sequence[Tuple[str, ...]], width: int = TABLE_WIDTH, indent: 
     rows = [rows[0], *(r[:5] + (_METHOD_OWNER.sub(r"\1", r[5]),) + r[6:] for r in rows[1:])]
     over = excess(rows)
     mods = max(len(r[3]) for r in rows)
-    if over > 0 and mods > _MIN_CELL:
-        mods = max(_MIN_CELL, mods - over)
+    if over > 0 and mods > min_cell:
+        mods = max(min_cell, mods - over)
         rows = [rows[0], *(r[:3] + (shorten(r[3], mods),) + r[4:] for r in rows[1:])]
     return list(rows)
 
