@@ -315,3 +315,19 @@ def test_under_modeguard_run_the_callback_leaves_the_automatic_guard_alone():
     finally:
         auto.stop()
     assert [v.code for v in guard.violations] == ["MG101"]  # one finding, not two
+
+
+# ---- the README's sample ----------------------------------------------------------------------
+
+
+def test_the_readme_lightning_report_is_what_the_example_prints(capsys, monkeypatch):
+    import runpy
+
+    from test_golden import ROOT, check, check_readme
+
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join("tests", "scripts", "lightning_example.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    report = out[out.index("modeguard report"):]
+    check("lightning_report.txt", report)
+    check_readme("lightning-report", "lightning_report.txt")

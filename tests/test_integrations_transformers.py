@@ -191,3 +191,19 @@ def test_an_accelerate_loop_whose_evaluate_never_calls_train_is_mg101_at_its_ste
     assert (v.location.file, v.location.line) == (__file__, here_line("# ACCELERATE-STEP"))
     assert (v.mode_set_at.location.line, v.mode_set_at.framework) == (here_line("# EVALUATE"), None)
     assert codes(report) == ["MG101"]
+
+
+# ---- the README's sample ----------------------------------------------------------------------
+
+
+def test_the_readme_transformers_report_is_what_the_example_prints(capsys, monkeypatch):
+    import runpy
+
+    from test_golden import ROOT, check, check_readme
+
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join("tests", "scripts", "hf_example.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    report = out[out.index("modeguard report"):]
+    check("hf_report.txt", report)
+    check_readme("hf-report", "hf_report.txt")

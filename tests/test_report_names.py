@@ -28,6 +28,7 @@ def test_collapse_writes_repeated_layers_once_in_place():
 
 def test_collapse_keeps_gaps_nested_indices_and_plain_children_readable():
     assert collapse(["h.0.drop", "h.1.drop", "h.3.drop", "h.4.drop", "h.5.drop"]) == ["h.{0,1,3..5}.drop"]
+    assert collapse(["backbone.1", "backbone.3"]) == ["backbone.1", "backbone.3"]  # a BatchNorm and a Dropout
     assert collapse(["a.0.b.1.c", "a.0.b.2.c", "a.1.b.1.c", "a.1.b.2.c"]) == ["a.{0,1}.b.{1,2}.c"]
     assert collapse(["1", "3"]) == ["1", "3"]  # a Sequential's children stay as they are
     assert collapse(["layer.0.drop", "head.drop"]) == ["layer.0.drop", "head.drop"]

@@ -16,7 +16,9 @@ from typing import Dict, Iterable, List, Sequence
 
 ROOT_NAME = "(root)"
 
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # an index inside a path: `layer.3.drop`, not `3`
+#: A layer index inside a path (`layer.3.drop`); not a last part (`backbone.1`, `3`): a
+#: Sequential's children are different layers, not repeats.
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 def leaves(names: Sequence[str]) -> List[str]:
@@ -53,8 +55,8 @@ def _ranges(numbers: Iterable[int]) -> str:
 def collapse(names: Sequence[str]) -> List[str]:
     """Names that differ only in one layer index, written once with the indices as a set:
     ``layer.0.drop``, ``layer.1.drop`` -> ``layer.{0,1}.drop``; the first occurrence keeps
-    its place. Indices are collapsed from the innermost position outwards, so twelve
-    layers of three dropouts each become three names."""
+    its place. The largest group goes first, so twelve layers of three dropouts each
+    become three names."""
     out = list(names)
     while True:
         groups: Dict[tuple, List[int]] = {}
