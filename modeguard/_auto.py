@@ -178,11 +178,18 @@ class AutoSession:
 
     def _name_for(self, module: nn.Module) -> str:
         """``Net``; ``Net.encoder`` for a submodule of a watched model; ``Net (ema)`` with
-        the caller's variable name when another watched model has the same class."""
+        the caller's variable name when another watched model has the same class. A
+        torch class (``Sequential``, ``Linear``) says little: one held by the calling
+        method's object is named after it, ``LitClassifier.net`` (a LightningModule's
+        ``training_step`` calling ``self.net(x)``)."""
         found = self._paths.get(id(module))
         if found is not None and found[0]() is module:
             return f"{found[1]}.{found[2]}"
         base = type(module).__name__
+        if type(module).__module__.startswith("torch."):
+            held = _attribute_of_caller(module)
+            if held is not None and not self.guard.name_taken(held):
+                return held
         if not self.guard.name_taken(base):
             return base
         var = _variable_name(module)
@@ -228,6 +235,19 @@ def _variable_name(module: nn.Module) -> Optional[str]:
         for key, value in attrs.items():
             if value is module:
                 return f"self.{key}"
+    return None
+
+
+def _attribute_of_caller(module: nn.Module) -> Optional[str]:
+    """``Owner.attr`` when the user's calling method's ``self`` holds ``module`` as a
+    submodule (slow path, once per module)."""
+    f = user_frame(2)
+    owner = f.f_locals.get("self") if f is not None else None
+    if not isinstance(owner, nn.Module) or owner is module:
+        return None
+    for key, value in owner._modules.items():
+        if value is module:
+            return f"{type(owner).__name__}.{key}"
     return None
 
 

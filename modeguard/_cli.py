@@ -244,7 +244,7 @@ def _print_summary(report, label, watched, checked, program_status, status, args
                 if report.violations:
                     summary = Report(report.violations, title=head)
                     # The table, then (unless --quiet) each message, as str(report) has them.
-                    console.print(summary.table() if args.quiet else summary)
+                    console.print(summary.table(console.width) if args.quiet else summary)
                 else:
                     console.print(head, markup=False, style="green")
                 console.print(tail, markup=False, style="bold" if status != program_status else "")

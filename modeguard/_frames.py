@@ -1,7 +1,12 @@
 """Finding the user's own line.
 
-Every report and warning points at the first frame that is not modeguard, torch or one of
-the wrappers between them. Whether a code object is "internal" is cached per code object,
+Every report and warning points at the innermost frame of the user's own code: past
+modeguard, torch and the wrappers between them (*internal* frames), and past the frameworks
+the user's code runs in (*framework* frames: anything installed in site-packages, such as
+Lightning, transformers and accelerate), so that a finding inside ``trainer.fit()`` points
+at the user's ``training_step``, or at the ``trainer.fit()`` call itself. Where no frame is
+the user's (a program run entirely by an installed tool), the first frame that is not
+internal is taken. Whether a file is internal or a framework's is cached per file name,
 so the walk is a few dict lookups even on the hot path.
 """
 
@@ -11,6 +16,7 @@ import ast
 import itertools
 import linecache
 import os
+import site
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -32,6 +38,31 @@ _USER_FILES_IN_PKG = (os.path.join(_PKG_DIR, "demo.py"),)
 #: co_filename -> internal? Keyed by the file, the only thing the answer depends on (two
 #: equal code objects from different files compare equal, so they cannot be the key).
 _internal_cache: dict = {}
+#: co_filename -> internal or a framework's (installed in site-packages)?
+_framework_cache: dict = {}
+
+
+def _site_dirs() -> tuple:
+    dirs = set()
+    try:
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    except Exception:  # pragma: no cover - a virtualenv's old site module
+        pass
+    paths = sysconfig.get_paths()
+    dirs.update(p for p in (paths.get("purelib"), paths.get("platlib")) if p)
+    return tuple(os.path.join(os.path.abspath(d), "") for d in dirs if d)
+
+
+_SITE_DIRS = _site_dirs()
+_SITE_NAMES = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def _main_package() -> str:
+    """The top-level package of ``python -m pkg.train`` (the user's own, even installed)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    return name.partition(".")[0]
 
 
 def _is_internal(code) -> bool:
@@ -46,6 +77,58 @@ def _is_internal(code) -> bool:
             hit = True
         _internal_cache[fn] = hit
     return hit
+
+
+def _is_framework(code) -> bool:
+    """Internal, or code of an installed framework (a file in site-packages), except the
+    package the program was started from with ``-m``."""
+    fn = code.co_filename
+    hit = _framework_cache.get(fn)
+    if hit is None:
+        hit = _is_internal(code)
+        if not hit and not fn.startswith("<"):
+            path = os.path.abspath(fn)
+            if path.startswith(_SITE_DIRS) or any(part in path for part in _SITE_NAMES):
+                main = _main_package()
+                hit = not main or (os.sep + main + os.sep) not in path and not path.endswith(os.sep + main + ".py")
+        _framework_cache[fn] = hit
+    return hit
+
+
+def _user_from(f):
+    """The innermost frame of the user's code from ``f`` outwards; failing that, the
+    first frame that is not internal (a program whose every frame is a framework's)."""
+    fallback = None
+    while f is not None:
+        code = f.f_code
+        if not _is_framework(code):
+            return f
+        if fallback is None and not _is_internal(code):
+            fallback = f
+        f = f.f_back
+    return fallback
+
+
+def framework_caller() -> Optional[str]:
+    """Slow path, for where a mode was set: the framework function that made the change
+    now in progress (``Trainer.training_step (transformers)``), or None when the user's
+    code made it. The first frame past modeguard, torch and any ``train()``/``eval()`` of
+    a module (a model's own override, or a framework model's) decides."""
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if _is_internal(code) or (code.co_name in ("train", "eval") and _is_module(f.f_locals.get("self"))):
+            f = f.f_back
+            continue
+        if not _is_framework(code):
+            return None
+        package = (f.f_globals.get("__name__") or "").partition(".")[0] or os.path.basename(code.co_filename)
+        return f"{getattr(code, 'co_qualname', code.co_name)} ({package})"
+    return None
+
+
+def _is_module(obj) -> bool:
+    return isinstance(obj, torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -67,23 +150,31 @@ class Location:
 
 
 def user_frame(depth: int = 1):
-    """The nearest frame outside modeguard/torch, or None. Never store the frame itself:
-    it keeps every local of the user's function (activations) alive."""
+    """The innermost frame of the user's code (see the module's docstring), or None.
+    Never store the frame itself: it keeps every local of the user's function
+    (activations) alive."""
     try:
         f = sys._getframe(depth + 1)
     except ValueError:
         return None
-    while f is not None and _is_internal(f.f_code):
-        f = f.f_back
-    return f
+    return _user_from(f)
 
 
 def user_frame_from(frame):
-    """The nearest frame outside modeguard/torch, starting at ``frame`` itself."""
-    f = frame
-    while f is not None and _is_internal(f.f_code):
+    """The innermost frame of the user's code, starting at ``frame`` itself."""
+    return _user_from(frame)
+
+
+def user_stacklevel(depth: int = 1) -> int:
+    """The ``warnings.warn`` stacklevel, for a call ``depth`` frames up, that lands on
+    ``user_frame``'s frame (1: the frame that calls warnings.warn)."""
+    target = user_frame(depth + 1)
+    f = sys._getframe(depth + 1)
+    level = 1
+    while f is not None and f is not target:
         f = f.f_back
-    return f
+        level += 1
+    return level if f is not None else 1
 
 
 def is_internal_frame(frame) -> bool:

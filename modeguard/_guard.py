@@ -37,6 +37,7 @@ from .observe.pickling import mark
 from .report import ModeMap, Report, Violation
 from .report.collect import ACTIONS, ViolationLog, stacklevel
 from .report.modemap import build_mode_map
+from .report.names import leaves
 from .rules import RULES, rule_code
 from .rules._base import overrides
 
@@ -61,6 +62,38 @@ def _free(frozen_modules: "weakref.WeakSet", holds_patches: bool) -> None:
     finally:
         if holds_patches:
             PATCHES.release()
+
+
+#: Where optimizer wrappers keep the optimizer they wrap: accelerate's AcceleratedOptimizer
+#: and Lightning's LightningOptimizer (``.optimizer``, ``._optimizer``), and others.
+_WRAPPED_OPTIMIZER_ATTRS = ("optimizer", "_optimizer", "optim")
+
+_OPTIMIZER_EXPECTED = ("torch.optim.Optimizer objects (or wrappers that expose one as .optimizer, such as "
+                       "accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer)")
+
+
+def unwrap_optimizer(obj, caller: str = "modeguard.watch()", after: str = ""):
+    """The ``torch.optim.Optimizer`` that ``obj`` is or wraps: the innermost one, whose
+    ``step()`` is the one that updates the parameters (a wrapper's ``step()`` calls it).
+    ``TypeError`` saying what was expected for anything else, including a wrapper that
+    subclasses Optimizer without initialising it (no step hooks of its own)."""
+    o = obj
+    for _ in range(8):  # wrappers of wrappers; a cycle ends here
+        inner = None
+        for attr in _WRAPPED_OPTIMIZER_ATTRS:
+            try:
+                cand = getattr(o, attr, None)
+            except Exception:  # a property that raises is no wrapped optimizer
+                cand = None
+            if cand is not None and cand is not o and (isinstance(cand, torch.optim.Optimizer) or hasattr(cand, "param_groups")):
+                inner = cand
+                break
+        if inner is None:
+            break
+        o = inner
+    if isinstance(o, torch.optim.Optimizer) and isinstance(getattr(o, "_optimizer_step_pre_hooks", None), dict):
+        return o
+    raise TypeError(f"{caller} expects {_OPTIMIZER_EXPECTED}{after}, got {type(obj).__module__}.{type(obj).__name__}")
 
 
 def settings_config(on_violation="warn", rules=None, frozen=None, backward_sample=None):
@@ -100,6 +133,10 @@ class Guard:
         self._quiet = 0             # > 0 while draining from unwatch()/report(): never raise
         self._with_stack: List[bool] = []
         self._created_by_last_call = True
+        # Set by the framework callbacks (modeguard.integrations): a finding at or above
+        # this FailOn stops the program at once, ``on_fail(violation)`` having run first.
+        self.fail_on = None
+        self.on_fail = None
         self.steps = 0
         self._rng = random.Random(0x6D67)  # fixed seed: a rerun follows the same forwards
         # Training seen before this guard (an earlier guard in the same process) must not
@@ -193,25 +230,31 @@ class Guard:
         return name in self._names
 
     def watch_optimizer(self, optimizer, *, hooks: bool = True, check_params: bool = True) -> "Guard":
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"modeguard expects a torch.optim.Optimizer, got {type(optimizer).__module__}.{type(optimizer).__name__}"
-            )
+        """Watch ``optimizer`` (a ``torch.optim.Optimizer``, or a wrapper of one such as
+        accelerate's ``AcceleratedOptimizer``: the optimizer it wraps is watched)."""
+        optimizer = unwrap_optimizer(optimizer, "guard.watch_optimizer()")
         if not self.active or id(optimizer) in self._opts:
             return self
         ost = OptimizerState(optimizer)
-        if hooks:
-            ost.handles = [optimizer.register_step_pre_hook(make_step_pre_hook(self, ost))]
-        self._opts[id(optimizer)] = ost
-        self._finalizers.append(weakref.finalize(optimizer, self._opts.pop, id(optimizer), None))
         if check_params and self._roots and not ost.roots(self):
+            # Warned before anything is registered: under -W error the call leaves nothing.
             warnings.warn(
                 f"modeguard: the {type(optimizer).__name__} passed to watch() holds none of the watched "
                 f"model's parameters, so its steps cannot be checked against that model's modes. "
                 f"Pass the optimizer that trains this model.",
                 ModeGuardWarning, stacklevel=stacklevel(),
             )
+        if hooks:
+            ost.handles = [optimizer.register_step_pre_hook(make_step_pre_hook(self, ost))]
+        self._opts[id(optimizer)] = ost
+        self._finalizers.append(weakref.finalize(optimizer, self._opts.pop, id(optimizer), None))
         return self
+
+    def _forget_optimizer(self, optimizer) -> None:
+        """Undo ``watch_optimizer`` (a ``watch()`` call that failed part-way)."""
+        ost = self._opts.pop(id(optimizer), None)
+        if ost is not None:
+            ost.release()
 
     def root_states(self):
         return self._roots.values()
@@ -249,8 +292,12 @@ class Guard:
         rules that look periodically say when they want to look again."""
         st.polls_due = min(rule.on_poll(self, st, snapshot) for rule in self.poll_rules) if self.poll_rules else 1 << 30
 
-    def emit(self, rule, severity, root, where, modules, mode_site, headline, allowed) -> None:
-        """Called by a rule that decided something is wrong."""
+    def emit(self, rule, severity, root, where, modules, mode_site, headline, allowed, *,
+             kinds: Optional[dict] = None) -> None:
+        """Called by a rule that decided something is wrong. ``where`` is the user's line
+        ((code, line) or a Location), or None for the innermost frame of the user's code
+        now (for a step run by ``trainer.fit()``, the ``fit()`` call). ``kinds`` maps
+        module names to their kind of mode-sensitivity."""
         current = ALLOWED.get()
         if (allowed and rule.code in allowed) or (current and rule.code in current):
             return
@@ -263,17 +310,30 @@ class Guard:
             location = where
         else:
             location = user_location(2)
-        v = self._log.add(rule, sev, root.name + _rank_suffix(), modules, location, mode_site, headline, self.steps)
+        # The modules that change behaviour themselves, not the containers above them.
+        modules = leaves(modules)
+        found_kinds = frozenset(kinds[n] for n in modules if n in kinds) if kinds else frozenset()
+        v = self._log.add(rule, sev, root.name + _rank_suffix(), modules, location, mode_site, headline, self.steps,
+                          found_kinds)
         if v is None:
             return
         action = ACTIONS[self.config.on_violation]
         if not self._quiet:
             action(rule, v)
+            if self.fail_on is not None and self.fail_on.fails(v.severity):
+                self._fail(rule, v)
             return
         try:
             action(rule, v)
         except Exception:  # unwatch() and report() never raise: the finding is recorded
             pass
+
+    def _fail(self, rule, v: Violation) -> None:
+        """``fail_on``: stop the program here (before the update, from a step hook)."""
+        if self.on_fail is not None:
+            self.on_fail(v)
+        raise rule.Error(
+            f"modeguard stopped training: a finding at or above fail_on={self.fail_on.value!r}.\n{v.message}", v)
 
     def _drain_quietly(self, judge_live_graphs: bool = False) -> None:
         if judge_live_graphs:
@@ -392,10 +452,14 @@ def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "wa
         raise TypeError(
             f"modeguard.watch() expects a torch.nn.Module as its first argument, got {type(model).__module__}.{type(model).__name__}"
         )
-    opts = [o for o in (optimizer, *optimizers) if o is not None]
-    for o in opts:
-        if not isinstance(o, torch.optim.Optimizer):
-            raise TypeError(f"modeguard.watch() expects torch.optim.Optimizer objects after the model, got {type(o).__module__}.{type(o).__name__}")
+    # Everything is checked before anything is installed, and a call that fails part-way
+    # (a warning turned into an error) takes back what it added: all or nothing.
+    opts = []
+    for o in (optimizer, *optimizers):
+        if o is not None:
+            o = unwrap_optimizer(o, "modeguard.watch()", " after the model")
+            if all(o is not seen for seen in opts):
+                opts.append(o)
     config, frozen_modules = settings_config(on_violation, rules, frozen, backward_sample)
     existing = guard_of(model)
     if existing is not None:
@@ -403,13 +467,23 @@ def watch(model: nn.Module, optimizer=None, *optimizers, on_violation: str = "wa
                  "frozen": frozen is not None, "backward_sample": backward_sample is not None}
         _warn_if_settings_differ(existing, config, frozen_modules, given)
         guard = existing
-        guard._created_by_last_call = False
     else:
         guard = Guard(config=config, frozen=list(frozen_modules))
-        guard._created_by_last_call = True
-    guard.watch_model(model)
-    for o in opts:
-        guard.watch_optimizer(o)
+    added = []
+    try:
+        guard.watch_model(model)
+        for o in opts:
+            if guard.optimizer_state(o) is None:
+                guard.watch_optimizer(o)
+                added.append(o)
+    except BaseException:
+        if existing is None:
+            guard.unwatch()
+        else:
+            for o in added:
+                guard._forget_optimizer(o)
+        raise
+    guard._created_by_last_call = existing is None
     return guard
 
 

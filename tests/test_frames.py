@@ -109,6 +109,66 @@ def test_user_frame_past_the_top_of_the_stack_is_none():
     assert frames.user_frame(10_000) is None
 
 
+# ---- frameworks (site-packages) ------------------------------------------------------------
+
+SITE = frames._SITE_DIRS[0] if frames._SITE_DIRS else os.path.join(os.sep, "venv", "site-packages", "")
+FRAMEWORK = _compiled_in(os.path.join(SITE, "fakeframework", "trainer.py"), 301)
+FRAMEWORK_MODE: dict = {}
+FRAMEWORK_MODE["__name__"] = "fakeframework.modes"
+exec(compile("\n" * 499 + "from modeguard._frames import framework_caller\n"
+             "class _ModuleMode:\n    def restore(self):\n        return framework_caller()\n",
+             os.path.join(SITE, "fakeframework", "modes.py"), "exec"), FRAMEWORK_MODE)
+
+
+def test_user_frame_skips_installed_frameworks_to_the_innermost_user_frame():
+    line = here() + 1
+    code, lineno = _code_and_line(FRAMEWORK["call"](TORCH["call"], MODEGUARD["nearest"]))
+    assert (code, lineno) == (test_user_frame_skips_installed_frameworks_to_the_innermost_user_frame.__code__, line)
+    # The user's own code called back by the framework (a training_step) is the innermost.
+    f = FRAMEWORK["call"](USER["call"], FRAMEWORK["call"], MODEGUARD["nearest"])
+    assert f.f_code is USER["call"].__code__
+
+
+def test_with_no_user_frame_the_first_non_internal_one_is_taken():
+    import threading
+
+    found = []
+    # A thread's stack has no frame of this file: threading's own frames are stdlib code,
+    # so build one with nothing but framework frames on top of internal ones.
+    t = threading.Thread(target=lambda: found.append(FRAMEWORK["call"](MODEGUARD["nearest"])))
+    t.start()
+    t.join()
+    f = found[0]
+    assert f is not None and not frames._is_internal(f.f_code)
+
+
+def test_framework_frames_are_framework_not_internal():
+    assert frames._is_framework(FRAMEWORK["call"].__code__) and not frames._is_internal(FRAMEWORK["call"].__code__)
+    assert frames._is_framework(TORCH["call"].__code__)
+    assert not frames._is_framework(USER["call"].__code__)
+    assert not frames._is_framework(test_framework_frames_are_framework_not_internal.__code__)
+
+
+def test_stacklevel_lands_on_the_users_frame_past_frameworks():
+    import warnings
+
+    from modeguard.report.collect import stacklevel
+
+    exec(compile("\n" * 599 + "import warnings\nfrom modeguard.report.collect import stacklevel\n"
+                 "def warn():\n    warnings.warn('x', stacklevel=stacklevel())\n",
+                 os.path.join(frames._PKG_DIR, "_fake_warn.py"), "exec"), ns := {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = here() + 1
+        FRAMEWORK["call"](ns["warn"])
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_framework_caller_names_the_framework_function_or_none_for_user_code():
+    assert FRAMEWORK_MODE["_ModuleMode"]().restore() == "_ModuleMode.restore (fakeframework)"
+    assert frames.framework_caller() is None  # called from this test: the user's code
+
+
 # ---- code lines and locations ----------------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
 """Golden files: the texts users read about violations, committed under tests/golden/ and
 compared here, so that a change to any of them is a reviewed diff.
 
-    MODEGUARD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py
+    MODEGUARD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py tests/test_integrations_*.py
 
-rewrites the files, and the README's demo sample, from what the code prints now. Paths
+rewrites the files, and the README's samples (the demo's here; the Lightning and Hugging
+Face reports in the integration tests, with ``check_readme``), from what the code prints now. Paths
 are written relative to the repository and the version as ``<version>``, so the files
 are the same on every machine.
 """
@@ -27,7 +28,7 @@ GOLDEN = Path(__file__).with_name("golden")
 README = ROOT / "README.md"
 SCRIPTS = ROOT / "tests" / "scripts"
 UPDATE = os.environ.get("MODEGUARD_UPDATE_GOLDEN") == "1"
-HOW_TO_UPDATE = "MODEGUARD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py"
+HOW_TO_UPDATE = "MODEGUARD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py tests/test_integrations_*.py"
 
 # The README's sample of `make demo`'s output, between these markers.
 README_SAMPLE = re.compile(r"(<!-- demo-report:start -->\n```text\n)(.*?)(```\n<!-- demo-report:end -->)", re.S)
@@ -95,6 +96,20 @@ def test_readme_demo_sample_is_the_golden_report(demo_report):
         return
     assert m.group(2) == (GOLDEN / "report.txt").read_text(encoding="utf-8"), (
         f"README's demo sample is not tests/golden/report.txt; rewrite it with {HOW_TO_UPDATE}")
+
+
+def check_readme(marker: str, name: str) -> None:
+    """The README's sample between ``<!-- marker:start -->`` and ``<!-- marker:end -->``
+    is the golden file ``name`` (rewritten from it with MODEGUARD_UPDATE_GOLDEN=1)."""
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n```text\n)(.*?)(```\n<!-- {marker}:end -->)", re.S)
+    readme = README.read_text(encoding="utf-8")
+    m = pattern.search(readme)
+    assert m, f"README lost its {marker} markers"
+    golden = (GOLDEN / name).read_text(encoding="utf-8")
+    if UPDATE:
+        README.write_text(readme[:m.start(2)] + golden + readme[m.end(2):], encoding="utf-8")
+        return
+    assert m.group(2) == golden, f"README's {marker} sample is not tests/golden/{name}; rewrite it with {HOW_TO_UPDATE}"
 
 
 # `modeguard run` as a user types it, from the repository: the script's path is part of

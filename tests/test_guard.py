@@ -554,3 +554,79 @@ def test_mode_map_of_something_else_names_what_it_expects(net_opt, bad):
         with pytest.raises(TypeError, match=r"mode_map\(\) expects a torch.nn.Module"):
             guard.mode_map(bad)
         assert guard.mode_map().rows  # and with nothing, the watched model
+
+
+# ---- optimizer wrappers, and all or nothing -----------------------------------------------
+
+
+class _Wrapper:
+    """An optimizer wrapper in the manner of accelerate's: it keeps the real one."""
+
+    def __init__(self, optimizer, attr="optimizer"):
+        setattr(self, attr, optimizer)
+
+    def step(self, closure=None):
+        inner = getattr(self, "optimizer", None) or getattr(self, "_optimizer")
+        return inner.step(closure)
+
+
+class _UninitialisedSubclass(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer: an Optimizer subclass that never calls
+    Optimizer.__init__, so it has no step hooks of its own."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda o: _Wrapper(o), lambda o: _Wrapper(o, "_optimizer"), lambda o: _UninitialisedSubclass(o),
+    lambda o: _Wrapper(_UninitialisedSubclass(o)),
+])
+def test_watch_takes_optimizer_wrappers_and_watches_the_optimizer_inside(net_opt, wrap):
+    model, opt = net_opt
+    with modeguard.watch(model, wrap(opt), on_violation="record") as guard:
+        assert guard.optimizer_state(opt) is not None and guard.has_optimizers
+        _train_step(model, opt, _x())
+        opt.zero_grad()
+        model(_x())
+        opt.step()  # no backward: seen through the wrapper's optimizer
+        assert [v.code for v in guard.violations] == ["MG602"]
+
+
+def test_a_wrapper_and_its_optimizer_are_one_optimizer(net_opt):
+    model, opt = net_opt
+    with modeguard.watch(model, opt, _Wrapper(opt), on_violation="record") as guard:
+        assert len(guard._opts) == 1 and len(opt._optimizer_step_pre_hooks) == 1
+
+
+def test_an_uninitialised_optimizer_subclass_with_nothing_inside_is_a_type_error(net_opt):
+    model, _ = net_opt
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer objects \(or wrappers.*_UninitialisedSubclass"):
+        modeguard.watch(model, _UninitialisedSubclass(None))
+    assert guard_of(model) is None and not modes.is_patched()
+
+
+def test_a_watch_call_that_fails_part_way_leaves_nothing_behind(net_opt):
+    model, opt = net_opt
+    unrelated = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "holds none of the model's parameters" warning raises
+        with pytest.raises(modeguard.ModeGuardWarning, match="holds none"):
+            modeguard.watch(model, opt, unrelated, on_violation="record")
+    assert guard_of(model) is None and not modes.is_patched()
+    assert not opt._optimizer_step_pre_hooks and not unrelated._optimizer_step_pre_hooks
+    # A second call starts afresh, with its own settings.
+    with modeguard.watch(model, opt, on_violation="raise") as guard:
+        assert guard.config.on_violation.value == "raise"
+
+
+def test_a_failed_call_on_a_watched_model_takes_back_only_what_it_added(net_opt):
+    model, opt = net_opt
+    unrelated = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(modeguard.ModeGuardWarning):
+                modeguard.watch(model, unrelated)
+        assert guard.active and guard_of(model) is guard
+        assert guard.optimizer_state(opt) is not None and guard.optimizer_state(unrelated) is None

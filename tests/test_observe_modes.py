@@ -60,7 +60,7 @@ def test_mode_site_describes_each_kind_of_change():
 def test_mode_site_to_dict_and_immutability():
     loc = Location("/src/train.py", 12, "fit")
     assert ModeSite(False, "override", loc, by="Detector").to_dict() == {
-        "training": False, "how": "override", "by": "Detector",
+        "training": False, "how": "override", "by": "Detector", "framework": None,
         "location": {"file": "/src/train.py", "line": 12, "function": "fit"},
     }
     assert ModeSite(True, "assignment", None).to_dict()["location"] is None
@@ -279,3 +279,55 @@ def test_listeners_are_held_weakly(mode_patches):
         assert other.calls == 5
     finally:
         modes.unlisten(other)
+
+
+# ---- modes set by a framework --------------------------------------------------------------
+
+def _framework_functions():
+    """A framework's mode handling, compiled as if installed in site-packages: a loop
+    that calls train()/eval(), and a save/restore that assigns the flags back (Lightning's
+    _ModuleMode)."""
+    from modeguard import _frames
+
+    site = _frames._SITE_DIRS[0]
+    ns = {"__name__": "fakeframework.loops"}
+    source = (
+        "class Loop:\n"
+        "    def evaluate(self, model):\n        model.eval()\n"
+        "    def training_step(self, model):\n        model.train()\n"
+        "class _ModuleMode:\n"
+        "    def capture(self, model):\n        self.mode = {n: m.training for n, m in model.named_modules()}\n"
+        "    def restore(self, model):\n"
+        "        for n, m in model.named_modules():\n            m.training = self.mode[n]\n"
+    )
+    exec(compile(source, f"{site}fakeframework/loops.py", "exec"), ns)
+    return ns["Loop"](), ns["_ModuleMode"]()
+
+
+def test_a_framework_train_call_is_recorded_with_the_framework_and_the_users_call(mode_patches):
+    loop, _ = _framework_functions()
+    model = MLP()
+    model.eval()
+    line = inspect.currentframe().f_lineno + 1
+    loop.training_step(model)
+    site = modes.last_set(model.bn)
+    assert (site.training, site.how, site.framework) == (True, "MLP.train()", "Loop.training_step (fakeframework)")
+    assert (site.location.file, site.location.line) == (__file__, line)
+    assert site.describe() == (f"MLP.train() by Loop.training_step (fakeframework), inside the call at "
+                               f"{__file__}:{line} in {site.location.function}()")
+    assert site.to_dict()["framework"] == "Loop.training_step (fakeframework)"
+
+
+def test_a_framework_restoring_saved_modes_leaves_the_users_sites(mode_patches):
+    loop, saved = _framework_functions()
+    model = MLP()
+    line = inspect.currentframe().f_lineno + 1
+    model.bn.eval()  # the user's
+    saved.capture(model)
+    loop.evaluate(model)  # the framework's validation: eval(), then the restore
+    assert modes.last_set(model.drop).framework == "Loop.evaluate (fakeframework)"
+    saved.restore(model)
+    assert model.training and not model.bn.training and model.drop.training
+    assert modes.last_set(model.bn).location.line == line  # untouched: still the user's eval()
+    # Never set by the user: no site at all, rather than the framework's restore.
+    assert modes.last_set(model.drop) is None and modes.last_set(model) is None

@@ -52,3 +52,35 @@ def test_importing_modeguard_does_not_import_torch():
 def test_private_modules_are_not_offered_as_attributes():
     for name in ("guard", "auto", "cli", "markers"):
         assert not hasattr(modeguard, name), name
+
+
+def test_modeguard_needs_no_framework_and_an_integration_says_what_it_needs():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate'):\n"
+        "    sys.modules[name] = None  # as if not installed: importing it raises ImportError\n"
+        "import torch, modeguard, modeguard.integrations\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "with modeguard.watch(m, torch.optim.SGD(m.parameters(), lr=0.1)):\n"
+        "    m(torch.randn(1, 2))\n"
+        "try:\n"
+        "    import modeguard.integrations.lightning\n"
+        "except ImportError as exc:\n"
+        "    print('lightning:', exc)\n"
+        "try:\n"
+        "    import modeguard.integrations.transformers\n"
+        "except ImportError as exc:\n"
+        "    print('transformers: ImportError')\n"
+        "print(sorted(n for n in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if sys.modules.get(n)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "lightning: modeguard.integrations.lightning needs PyTorch Lightning: pip install lightning (or pytorch-lightning)",
+        "transformers: ImportError",
+        "[]",
+    ]

@@ -248,7 +248,7 @@ def test_mode_site_for_train_and_eval():
         assert (site.training, site.how, site.location.line) == (True, "BatchNorm1d.train()", line)
         assert modes.last_set(model).how == "MLP.eval()"  # untouched modules keep theirs
         assert site.to_dict() == {
-            "training": True, "how": "BatchNorm1d.train()", "by": None,
+            "training": True, "how": "BatchNorm1d.train()", "by": None, "framework": None,
             "location": {"file": __file__, "line": line, "function": "test_mode_site_for_train_and_eval"},
         }
 

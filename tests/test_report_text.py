@@ -159,3 +159,47 @@ def test_print_report_is_plain_text_off_a_terminal():
     report = Report([_violation(file="/src/train.py")])
     print_report(report, buf)
     assert buf.getvalue() == str(report)
+
+
+def _hf_violation(**changes):
+    leaves_ = ["bert.embeddings.dropout", *(f"bert.encoder.layer.{i}.{leaf}" for i in range(12)
+                                          for leaf in ("attention.self.dropout", "output.dropout")), "dropout"]
+    fields = dict(model="BertForSequenceClassification", modules=leaves_, file="/home/me/train.py",
+                  mode_set_at=ModeSite(training=False, how="BertForSequenceClassification.eval()",
+                                       location=Location("/home/me/train.py", 12, "main")))
+    fields.update(changes)
+    return _violation(**fields)
+
+
+def test_the_table_of_a_large_model_fits_100_columns_and_the_message_lists_every_module():
+    v = _hf_violation()
+    lines = plain_table([v])
+    assert all(len(line) <= 100 for line in lines), lines
+    row = lines[1]
+    assert "BertForSequenceClassif..." in row and row.endswith("eval() at train.py:12")  # the location whole
+    wide = plain_table([v], width=200)[1]  # where there is room, the names
+    assert "BertForSequenceClassification: bert.embeddings.dropout, bert.encoder.layer.{0..11}" in wide
+    text = " ".join(line.strip() for line in _field_blocks(v.message)["model"])
+    assert ("bert.encoder.layer.{0..11}.attention.self.dropout, bert.encoder.layer.{0..11}.output.dropout, "
+            "dropout") in text and "(26 in all)" not in text  # four names now: all shown
+
+
+def test_a_short_table_is_left_as_it_is():
+    v = _violation(file="/src/train.py")
+    assert table_rows([v])[0][5] == "Net.eval() at train.py:35" and table_rows([v])[0][5] in plain_table([v])[1]
+
+
+def test_a_mode_set_by_a_framework_names_it_in_the_table_and_the_message():
+    site = ModeSite(training=True, how="Net.train()", location=Location("/src/train.py", 40, "main"),
+                    framework="Trainer.training_step (transformers)")
+    v = _violation(file="/src/train.py", mode_set_at=site)
+    assert table_rows([v])[0][5] == "Trainer.training_step: Net.train()"
+    assert ("mode set: Net.train() by Trainer.training_step (transformers), inside the call at "
+            "/src/train.py:40 in main()") in v.message
+
+
+def test_the_rich_table_on_a_100_column_terminal_fits_it():
+    buf = io.StringIO()
+    Console(file=buf, width=100, color_system=None).print(Report([_hf_violation()]))
+    assert all(len(line) <= 100 for line in buf.getvalue().splitlines())
+    assert "eval() at train.py:12" in buf.getvalue()

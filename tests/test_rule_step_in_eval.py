@@ -619,3 +619,25 @@ def test_unfreeze_takes_the_mark_back():
         modeguard.unfreeze(model.backbone)
         train_step(model, opt)
         assert [set(v.modules) for v in codes(guard)] == [{"backbone.bn", "backbone.drop"}]
+
+
+# ---- the why speaks of the modules present ----------------------------------------------------
+
+
+@pytest.mark.parametrize("model, says, never", [
+    (lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)),
+     "Dropout was switched off while", "BatchNorm"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)),
+     "BatchNorm normalised with its frozen running statistics while", "Dropout"),
+    (lambda: MLP(), "Dropout was switched off and BatchNorm normalised", None),
+    (lambda: HFStyleModel(dropout=0.1), "modules that read self.training ran their eval-mode code", "BatchNorm"),
+])
+def test_the_why_is_about_the_kinds_of_modules_in_eval(model, says, never):
+    net = model()
+    opt = sgd(net)
+    with modeguard.watch(net, opt, on_violation="record") as guard:
+        net.eval()
+        train_step(net, opt, batch(), labels())
+        (v,) = codes(guard)
+    assert says in v.why and (never is None or never not in v.why), v.why
+    assert v.why in v.message.replace("\n            ", " ")

@@ -4,6 +4,7 @@ custom forwards that read self.training, and register_sensitive. Which are froze
 params_frozen, frozen marks, frozen= patterns. A model without any sensitive module
 never gets MG101/MG201 above info."""
 
+import functools
 import gc
 import warnings
 import weakref
@@ -91,6 +92,60 @@ def test_hf_style_forward_reading_self_training_is_custom():
     assert classify(HFStyleBlock(dropout=0.1)) == "custom"
     assert classify(HFStyleModel(dropout=0.1)) is None  # the block is; the wrapper is not
     assert classify(HFStyleBlock(dropout=0.0)) is None  # config with dropout 0.0
+
+
+class _CheckpointedStack(nn.Module):
+    """A Hugging Face encoder: self.training read only to choose gradient checkpointing."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if self.gradient_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(self.layer, x, use_reentrant=False)
+        return self.layer(x)
+
+
+def _checkpointing_wrapper(forward):
+    @functools.wraps(forward)
+    def forward_with_checkpointing(self, *args, **kwargs):
+        if getattr(self, "gradient_checkpointing", False) and self.training:
+            pass  # would checkpoint here
+        return forward(self, *args, **kwargs)
+
+    return forward_with_checkpointing
+
+
+def test_reading_training_only_for_gradient_checkpointing_is_not_sensitive():
+    assert classify(_CheckpointedStack()) is None
+
+    class WrappedLayer(nn.Module):  # transformers' GradientCheckpointingLayer wraps forward
+        def __init__(self):
+            super().__init__()
+            self.drop_p = 0.1
+
+        @_checkpointing_wrapper
+        def forward(self, x):
+            return x
+
+    assert classify(WrappedLayer()) is None
+
+    class WrappedDropping(WrappedLayer):  # ... but the wrapped forward itself may read it
+        @_checkpointing_wrapper
+        def forward(self, x):
+            return F.dropout(x, self.drop_p, training=self.training)
+
+    assert classify(WrappedDropping()) == "custom"
+
+    class Both(_CheckpointedStack):  # checkpointing, and dropout of its own
+        def forward(self, x):
+            if self.gradient_checkpointing and self.training:
+                x = x * 1
+            return F.dropout(self.layer(x), 0.1, training=self.training)
+
+    assert classify(Both()) == "custom"
 
 
 def test_forward_reading_training_in_a_nested_function_is_custom():

@@ -23,7 +23,7 @@ from typing import Optional
 import torch.nn as nn
 import wrapt
 
-from .._frames import Location, user_frame, user_location, _is_internal
+from .._frames import Location, framework_caller, user_frame, user_location, _is_internal
 from .._patches import Patches, SharedPatches
 from . import pickling
 
@@ -43,6 +43,10 @@ class ModeSite:
     how: str  # "Net.train()", "Net.eval()", "assignment" or "override"
     location: Optional[Location]
     by: Optional[str] = None  # the class whose train() override set it, for "override"
+    # The framework function that called train()/eval() (``Trainer.training_step
+    # (transformers)``), when the user's code did not; location is then the user's call
+    # into the framework.
+    framework: Optional[str] = None
 
     def describe(self) -> str:
         where = str(self.location) if self.location else "an unknown place"
@@ -50,6 +54,8 @@ class ModeSite:
             return f"set to {'train' if self.training else 'eval'} by {self.by}.train() (an override), called from {where}"
         if self.how == "assignment":
             return f"`.training = {self.training}` assigned directly at {where}"
+        if self.framework:
+            return f"{self.how} by {self.framework}, inside the call at {where}"
         return f"{self.how} at {where}"
 
     def to_dict(self) -> dict:
@@ -57,11 +63,14 @@ class ModeSite:
             "training": self.training,
             "how": self.how,
             "by": self.by,
+            "framework": self.framework,
             "location": self.location.to_dict() if self.location else None,
         }
 
 
 _sites: "weakref.WeakKeyDictionary[nn.Module, ModeSite]" = weakref.WeakKeyDictionary()
+#: The last site the user's own code (not a framework) set, per module.
+_user_sites: "weakref.WeakKeyDictionary[nn.Module, ModeSite]" = weakref.WeakKeyDictionary()
 _local = threading.local()
 
 
@@ -164,19 +173,29 @@ def _note_training(module: nn.Module, value) -> None:
     value = bool(value)
     override = _override_site(value)
     if override is not None:
-        _sites[module] = override
+        _sites[module] = _user_sites[module] = override
         return
     stack = getattr(_local, "stack", None)
     if stack:
         site = getattr(_local, "site", None)
         if site is None or site.training != value:
             how = f"{type(stack[0][0]).__name__}.{'train' if value else 'eval'}()"
-            site = _local.site = ModeSite(value, how, _train_call_location(3))
+            site = _local.site = ModeSite(value, how, _train_call_location(3), framework=framework_caller())
         _sites[module] = site
+        if site.framework is None:
+            _user_sites[module] = site
+    elif framework_caller() is not None:
+        # A framework putting back modes it saved (Lightning's _ModuleMode.restore after
+        # validation) is not where a mode was set: the user's last site for it stands.
+        prev = _user_sites.get(module)
+        if prev is not None and prev.training == value:
+            _sites[module] = prev
+        else:
+            _sites.pop(module, None)
     else:
         # Start low: internal frames are skipped, and starting past the user's frame
         # would blame their caller.
-        _sites[module] = ModeSite(value, "assignment", user_location(1))
+        _sites[module] = _user_sites[module] = ModeSite(value, "assignment", user_location(1))
 
 
 def _setattr_wrapper(wrapped, instance, args, kwargs):

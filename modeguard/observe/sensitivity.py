@@ -9,7 +9,10 @@ answer is cached per class; nothing here runs on the hot path.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import inspect
+import textwrap
 import types
 import weakref
 from typing import Callable, Iterable, Optional, Union
@@ -51,11 +54,51 @@ def _code_reads_training(code: types.CodeType) -> bool:
     return any(isinstance(c, types.CodeType) and _code_reads_training(c) for c in code.co_consts)
 
 
+def _is_checkpointing_flag(node: ast.AST) -> bool:
+    """``self.gradient_checkpointing``, or ``getattr(self, "gradient_checkpointing", ...)``."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and n.attr == "gradient_checkpointing":
+            return True
+        if isinstance(n, ast.Constant) and n.value == "gradient_checkpointing":
+            return True
+    return False
+
+
+def _reads_training_only_to_checkpoint(fn) -> bool:
+    """Does every ``.training`` in ``fn``'s source stand in an ``and`` with the module's
+    ``gradient_checkpointing`` flag? (Hugging Face models and layers: ``if
+    self.gradient_checkpointing and self.training:`` picks how to compute, not what.)
+    False where the source cannot be read: then the read counts."""
+    try:
+        # The code object's own source: inspect.getsource(fn) would follow __wrapped__.
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn.__code__)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return False
+    reads = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "training"]
+    guarded = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.BoolOp) and isinstance(n.op, ast.And) and any(_is_checkpointing_flag(v) for v in n.values):
+            for v in n.values:
+                if isinstance(v, ast.Attribute) and v.attr == "training":
+                    guarded.add(id(v))
+    return bool(reads) and all(id(n) in guarded for n in reads)
+
+
 def _forward_reads_training(cls: type) -> bool:
+    """Does ``cls.forward``, or a function it wraps (``functools.wraps`` decorators, as
+    Hugging Face's), read ``training`` for something other than gradient checkpointing?"""
     hit = _reads_training_cache.get(cls)
     if hit is None:
-        fwd = getattr(cls.forward, "__code__", None)
-        hit = fwd is not None and _code_reads_training(fwd)
+        hit = False
+        fn = cls.forward
+        for _ in range(8):  # a decorator chain; a cycle ends here
+            code = getattr(fn, "__code__", None)
+            if code is not None and _code_reads_training(code) and not _reads_training_only_to_checkpoint(fn):
+                hit = True
+                break
+            fn = getattr(fn, "__wrapped__", None)
+            if fn is None:
+                break
         _reads_training_cache[cls] = hit
     return hit
 

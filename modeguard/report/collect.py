@@ -11,25 +11,20 @@ typeguard's ``warn_on_error``: ``warn_on_violation``, ``raise_on_violation`` and
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .._config import OnViolation, Severity
-from .._frames import _is_internal
+from .._frames import user_stacklevel
 from .violation import Violation
 
 Action = Callable[[object, Violation], None]
 
 
 def stacklevel() -> int:
-    """warnings.warn stacklevel that lands on the first frame outside modeguard/torch."""
-    f = sys._getframe(1)  # level 1: our caller, the frame that calls warnings.warn
-    level = 1
-    while f is not None and _is_internal(f.f_code):
-        f = f.f_back
-        level += 1
-    return level
+    """warnings.warn stacklevel that lands on the user's own frame (past modeguard, torch
+    and the frameworks in between; see ``_frames``), for our caller's warnings.warn."""
+    return user_stacklevel(1)
 
 
 def record_only(rule, violation: Violation) -> None:
@@ -75,7 +70,7 @@ class ViolationLog:
         self._by_key: Dict[Tuple, Violation] = {}
 
     def add(self, rule, severity: Severity, model: str, modules, location, mode_site, headline: str,
-            step: int) -> Optional[Violation]:
+            step: int, kinds: frozenset = frozenset()) -> Optional[Violation]:
         """Count this occurrence. Returns the violation when the user must hear of it (new,
         or the same place got worse), else None."""
         key = (rule.code, model, location.file if location else None, location.line if location else None)
@@ -87,8 +82,9 @@ class ViolationLog:
             # The same place got worse (some modules in eval, then the whole model): the
             # user must hear about the escalation, and "raise" must raise.
             found.severity, found.headline, found.modules = severity, headline, list(modules)
+            found.why = rule.why(kinds)
             return found
-        v = Violation.build(rule, severity, model, modules, location, mode_site, headline, step)
+        v = Violation.build(rule, severity, model, modules, location, mode_site, headline, step, kinds)
         self._by_key[key] = v
         self._items.append(v)
         return v

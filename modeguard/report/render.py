@@ -21,7 +21,7 @@ from rich.tree import Tree
 
 from .._config import Severity
 from .._version import __version__
-from .text import COLUMNS, NO_PROBLEMS, WIDTH, report_text, table_rows, violation_text
+from .text import COLUMNS, NO_PROBLEMS, WIDTH, fit_rows, report_text, table_rows, violation_text
 from .violation import Violation
 
 SCHEMA_VERSION = 1
@@ -66,12 +66,18 @@ class Report:
     def worst(self) -> Optional[Severity]:
         return max((v.severity for v in self.violations), default=None)
 
-    def table(self) -> Table:
-        """The summary table for rich: the plain table's rows (``text.table_rows``)."""
+    def table(self, width: Optional[int] = None) -> Table:
+        """The summary table for rich: the plain table's rows (``text.table_rows``), their
+        long cells shortened to fit a console ``width`` wide when one is given."""
         t = Table(title=self.title, title_justify="left", show_lines=False)
         for col in COLUMNS:
             t.add_column(col, overflow="fold")
-        for v, row in zip(self.violations, table_rows(self.violations)):
+        rows = table_rows(self.violations)
+        if width is not None:
+            # The box: a border and a space each side of every cell, 19 columns in all; a
+            # cell rich had to fold would be harder to read than one cut short.
+            rows = fit_rows([COLUMNS, *rows], width, indent=4, gap=3, min_cell=16)[1:]
+        for v, row in zip(self.violations, rows):
             # Text cells: a model named `Net[0]` is not rich markup.
             t.add_row(Text(row[0]), Text(row[1], style=_STYLE.get(v.severity, "")), *map(Text, row[2:]))
         return t
@@ -80,7 +86,7 @@ class Report:
         if not self.violations:
             yield Text(NO_PROBLEMS, style="green")
             return
-        yield self.table()
+        yield self.table(options.max_width)
         # Wrapped here, hanging, as the plain text is: rich would wrap long lines flush
         # left. Lines the plain text keeps whole wrap at the console's width, which
         # would break them anyway; rich still folds a path wider than the console.

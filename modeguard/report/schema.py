@@ -34,6 +34,8 @@ _MODE_SITE = {
         "training": {"type": "boolean", "description": "the mode that was set (true = train)"},
         "how": {"type": "string", "description": "'Net.eval()', 'Net.train()', 'assignment' or 'override'"},
         "by": {"type": ["string", "null"], "description": "the class whose train() override set it"},
+        "framework": {"type": ["string", "null"],
+                      "description": "the framework function that called train()/eval(), when not the user's code"},
         "location": {"oneOf": [_LOCATION, {"type": "null"}]},
     },
 }

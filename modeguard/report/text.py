@@ -9,14 +9,22 @@ hanging under the value, not flush left.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+from .names import collapse
 
 if TYPE_CHECKING:
     from .violation import Violation
 
 #: Where field values wrap.
 WIDTH = 88
+#: The summary table fits a terminal this wide: the model / modules and mode set at
+#: cells are shortened (each message below still has them in full).
+TABLE_WIDTH = 100
+#: A shortened model / modules cell keeps at least this many characters.
+_MIN_CELL = 24
 
 NO_PROBLEMS = "modeguard: no train/eval mode problems found."
 
@@ -44,11 +52,13 @@ def field(label: str, value: str, width: Optional[int] = WIDTH) -> str:
 
 
 def modules_text(v: "Violation", limit: int = 8) -> str:
-    """``Model; modules: a, b`` for a message's ``model:`` field."""
+    """``Model; modules: a, b`` for a message's ``model:`` field; repeated layers are
+    written once (``layer.{0..11}.dropout``, see ``names.collapse``)."""
     if not v.modules:
         return v.model
-    shown = ", ".join(v.modules[:limit])
-    if len(v.modules) > limit:
+    names = collapse(v.modules)
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
         shown += f", ... ({len(v.modules)} in all)"
     return f"{v.model}; modules: {shown}"
 
@@ -77,14 +87,20 @@ def table_row(v: "Violation") -> Tuple[str, ...]:
     show these."""
     mods = v.model
     if v.modules:
-        mods += ": " + ", ".join(v.modules[:4]) + (" ..." if len(v.modules) > 4 else "")
+        names = collapse(v.modules)
+        mods += ": " + ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
     site = v.mode_set_at
     if site is None:
         set_at = "-"
-    elif site.location is not None:
-        set_at = f"{site.how} at {site.location.short()}"
     else:
-        set_at = site.how
+        framework = getattr(site, "framework", None)
+        if framework:
+            # Who did it matters most; the location is the user's call into the framework.
+            set_at = f"{framework.partition(' (')[0]}: {site.how}"
+        elif site.location is not None:
+            set_at = f"{site.how} at {site.location.short()}"
+        else:
+            set_at = site.how
     return (
         f"{v.code} {v.name}", v.severity.label, str(v.count), mods,
         v.location.short() if v.location else "-", set_at,
@@ -95,9 +111,39 @@ def table_rows(violations: Sequence["Violation"]) -> List[Tuple[str, ...]]:
     return [table_row(v) for v in violations]
 
 
-def plain_table(violations: Sequence["Violation"]) -> List[str]:
-    """The summary table as lines of aligned columns, indented two spaces, header first."""
-    rows = [COLUMNS, *table_rows(violations)]
+def shorten(cell: str, width: int) -> str:
+    """``cell``, cut to ``width`` with ``...`` at the end when it is longer."""
+    return cell if len(cell) <= width else cell[:width - 3].rstrip(" ,.") + "..."
+
+
+_METHOD_OWNER = re.compile(r"\b[\w.]+\.((?:train|eval)\(\))")
+
+
+def fit_rows(rows: Sequence[Tuple[str, ...]], width: int = TABLE_WIDTH, indent: int = 2,
+             gap: int = 2, min_cell: int = _MIN_CELL) -> List[Tuple[str, ...]]:
+    """``rows`` (header first) made to fit ``width`` columns where they can: first the
+    mode set at cells lose the class before ``.eval()``/``.train()`` (the model column names
+    it), then the model / modules cells are cut, keeping ``min_cell`` of them. A location
+    (``file:line``) is never cut: a table whose locations alone are wider stays wider."""
+    def excess(rows):
+        return indent + sum(max(len(r[i]) for r in rows) for i in range(len(COLUMNS))) + gap * (len(COLUMNS) - 1) - width
+
+    over = excess(rows)
+    if over <= 0:
+        return list(rows)
+    rows = [rows[0], *(r[:5] + (_METHOD_OWNER.sub(r"\1", r[5]),) + r[6:] for r in rows[1:])]
+    over = excess(rows)
+    mods = max(len(r[3]) for r in rows)
+    if over > 0 and mods > min_cell:
+        mods = max(min_cell, mods - over)
+        rows = [rows[0], *(r[:3] + (shorten(r[3], mods),) + r[4:] for r in rows[1:])]
+    return list(rows)
+
+
+def plain_table(violations: Sequence["Violation"], width: int = TABLE_WIDTH) -> List[str]:
+    """The summary table as lines of aligned columns, indented two spaces, header first,
+    fitting ``width`` columns (``fit_rows``)."""
+    rows = fit_rows([COLUMNS, *table_rows(violations)], width)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 

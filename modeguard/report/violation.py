@@ -11,12 +11,6 @@ from ..observe.modes import ModeSite
 from .text import violation_text
 
 
-def _first_sentence(text: str) -> str:
-    flat = " ".join(text.split())
-    head, dot, _ = flat.partition(". ")
-    return head + "." if dot else flat
-
-
 @dataclass(eq=False)
 class Violation:
     code: str
@@ -55,9 +49,10 @@ class Violation:
         }
 
     @classmethod
-    def build(cls, rule, severity, model, modules, location, mode_site, headline, step) -> "Violation":
+    def build(cls, rule, severity, model, modules, location, mode_site, headline, step,
+              kinds: frozenset = frozenset()) -> "Violation":
         return cls(
             code=rule.code, name=rule.name, severity=severity, headline=headline, model=model,
             modules=list(modules), location=location, mode_set_at=mode_site, fix=rule.fix,
-            why=_first_sentence(rule.explanation), first_step=step,
+            why=rule.why(kinds), first_step=step,
         )

@@ -88,6 +88,14 @@ class Rule:
         forward the gradients came from); ``backward_seen`` says whether the gradients of
         any of ``roots`` moved since then (see ``_state.GradMark``)."""
 
+    def why(self, kinds: frozenset = frozenset()) -> str:
+        """The one sentence of "why" a finding shows, for a finding about modules of these
+        kinds of mode-sensitivity (``"dropout"``, ``"batchnorm"``, ``"custom"`` ...; empty
+        when none were named). By default the explanation's first sentence; a rule whose
+        harm depends on the kind (BatchNorm's statistics, dropout's randomness) says only
+        what applies."""
+        return first_sentence(self.explanation)
+
     # Documentation, generated.
     def explain(self) -> str:
         quiet = "\n".join(f"  - {q}" for q in self.quiet_when) or "  -"
@@ -103,6 +111,16 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<Rule {self.code} {self.name}>"
+
+
+def first_sentence(text: str) -> str:
+    flat = " ".join(text.split())
+    head, dot, _ = flat.partition(". ")
+    return head + "." if dot else flat
+
+
+#: What each kind of mode-sensitive module does differently, in the words "why" uses.
+NORM_KINDS = frozenset({"batchnorm", "instancenorm"})
 
 
 def overrides(rule: Rule, event: str) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from .._config import Severity
 from .._frames import stack_has_function
 from ..observe.graph import ACTIVITY
-from ._base import Rule
+from ..report.names import leaves
+from ._base import NORM_KINDS, Rule
 
 # Consecutive evaluation-like forwards (with no backward or step in between) before this
 # fires. A model that is itself trained (a backward or a step reached it), or a program
@@ -82,6 +83,21 @@ class EvalInTrainMode(Rule):
     ]
     fix = "call model.eval() before evaluating (and model.train() afterwards), and wrap evaluation in torch.no_grad()."
 
+    def why(self, kinds=frozenset()):
+        if not kinds:
+            return super().why(kinds)
+        parts = []
+        if "dropout" in kinds:
+            parts.append("Dropout zeroes random activations, so evaluation results are random")
+        if kinds & NORM_KINDS:
+            norm = "BatchNorm" if "batchnorm" in kinds else "InstanceNorm"
+            parts.append(f"{norm} normalises with batch statistics and overwrites its running statistics with "
+                         f"the evaluation data, which silently changes the model you later save")
+        if kinds - NORM_KINDS - {"dropout"}:
+            parts.append("modules that read self.training take their training-mode path, so the evaluation "
+                         "does not measure the model you will use")
+        return "In train mode " + ", and ".join(parts) + "."
+
     def on_nograd_forward(self, guard, root, snapshot):
         # Called on every no_grad forward: the lookup inline, the constructor only once.
         s = root.rule_state.get("MG201") or _new_streaks(root)
@@ -141,9 +157,13 @@ class EvalInTrainMode(Rule):
             # only dropout is left stochastic, deliberately.
             return
         if names is None:
-            names = [e.name for e in snap.train_sensitive if not e.marked] or [e.name for e in snap.train_sensitive]
+            listed = [e for e in snap.train_sensitive if not e.marked] or list(snap.train_sensitive)
+        else:
+            listed = [e for e in snap.train_sensitive if e.name in names]
+        names = leaves([e.name for e in listed])  # as the report lists them: no containers
         guard.emit(
             self, severity=None, root=root, where=where, modules=names, mode_site=root.root_site(),
+            kinds={e.name: e.kind for e in listed},
             headline=headline or f"the model is being evaluated ({how}) while {len(names)} mode-sensitive modules are in train mode",
             allowed=allowed,
         )

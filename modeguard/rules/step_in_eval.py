@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .._config import Severity
 from ..observe.inputs import COMPILED, in_frozen_part
-from ._base import Rule
+from ..report.names import leaves
+from ._base import NORM_KINDS, Rule
 
 
 class StepInEval(Rule):
@@ -27,6 +28,23 @@ class StepInEval(Rule):
         "the model's own train() override put them in eval (mmdetection's norm_eval pattern)",
     ]
     fix = "call model.train() before the training step (e.g. at the top of each epoch, after validate())."
+
+    def why(self, kinds=frozenset()):
+        if not kinds:
+            return super().why(kinds)
+        norm = "BatchNorm" if "batchnorm" in kinds or not kinds & {"instancenorm"} else "InstanceNorm"
+        parts = []
+        if "dropout" in kinds:
+            parts.append("Dropout was switched off")
+        if kinds & NORM_KINDS:
+            parts.append(f"{norm} normalised with its frozen running statistics")
+        if kinds - NORM_KINDS - {"dropout"}:
+            parts.append("modules that read self.training ran their eval-mode code")
+        text = (", ".join(parts[:-1]) + " and " + parts[-1]) if len(parts) > 1 else parts[0]
+        text += " while the model was being trained, so the network you optimise is not the one you designed"
+        if kinds & NORM_KINDS:
+            text += f", and {norm}'s running statistics stop tracking the weights"
+        return text + "."
 
     def step_quiet(self, snapshot):
         return snapshot.plain_train
@@ -73,13 +91,35 @@ class StepInEval(Rule):
             e for e in snap.entries
             if not e.marked and e.own_frozen is not True and not (e.site and e.site.how == "override")
         ]
-        whole = not snap.root_training or len(offending) == len(candidates)
+        # Every sensitive module not frozen on purpose in eval: the whole model, as far as
+        # it is trained (one that never ran, a Dropout whose p an attention reads, counts).
+        whole = not snap.root_training or not any(e.training for e in candidates)
         severity = Severity.ERROR if whole else Severity.WARNING
         root_site = st.root_site()
-        scope = "the model" if not snap.root_training else f"{len(offending)} of {len(snap.entries)} mode-sensitive modules"
+        named = _named(snap, offending)
+        # Counted as the report lists them: the modules that change behaviour, no containers.
+        scope = ("the model" if not snap.root_training else
+                 f"{len(leaves(list(named)))} of {len(leaves([e.name for e in snap.entries]))} mode-sensitive modules")
         headline = f"optimizer.step() applied gradients from a forward in which {scope} ran in eval mode"
         guard.emit(
-            self, severity=severity, root=st, where=None, modules=[e.name for e in offending],
+            self, severity=severity, root=st, where=None, modules=list(named), kinds=named,
             mode_site=root_site if not snap.root_training and root_site else offending[0].site,
             headline=headline, allowed=rec.allowed,
         )
+
+
+def _named(snap, offending) -> dict:
+    """name -> kind of the modules a finding lists. A module that reads self.training
+    for its dropout (Hugging Face attention: ``dropout_p=self.dropout.p if self.training
+    else 0.0``) is named by its Dropout children in eval, which never run themselves:
+    the dropout is what was switched off."""
+    out: dict = {}
+    for e in offending:
+        if e.kind == "custom":
+            below = [c for c in snap.entries
+                     if c.kind == "dropout" and not c.training and not c.marked and c.name.startswith(e.name + ".")]
+            if below:
+                out.update((c.name, c.kind) for c in below)
+                continue
+        out[e.name] = e.kind
+    return out
