@@ -128,7 +128,7 @@ def make_post_hook(guard, st):
 
 def follow(guard, st, snap, output, act) -> None:
     """Tie this forward to its backward, or learn that its graph was freed unused."""
-    probe = inputs.take(st) if st.probe_session is not None else inputs.COMPILED if st.compiled else None
+    probe = inputs.take(st) if st.probe_session is not None else inputs.UNSEEN if st.compiled else None
     nodes = output_grad_fns(output)
     if not nodes:
         if st.has_trainable and holds_no_graph(output):
@@ -180,7 +180,14 @@ def before_step(guard, ost, optimizer, args, kwargs):
         if moved == 2 or (moved and st.grads_persist is False):
             moved_any = True  # (where gradients live on, a version also moves on zero_())
         if seen.get(st) == st.evidence:
-            continue
+            # (Automatic mode makes a directly called submodule a model of its own.)
+            if st.hooked and (moved == 2 or (moved and st.grads_persist is False)):
+                # New gradients with no forward of the model: its submodules were called,
+                # not the model itself. (Where gradients live on, a moved version may be
+                # a zero_() as well as a backward: not enough to tell.)
+                _unseen_forward(st)
+            else:
+                continue
         src = st.source
         if src is st.presumed and mark is not None and not moved:
             # The training forward presumed backpropagated was not: no gradient of the
@@ -210,6 +217,21 @@ def before_step(guard, ost, optimizer, args, kwargs):
         st.trained = True
     guard.steps += 1
     ACTIVITY[0] += 1
+
+
+def _unseen_forward(st) -> None:
+    """Gradients reached the model, but no forward of it was seen since the previous
+    step: its submodules were called directly (a LightningModule's ``training_step``
+    calling ``self.net(x)``). Slow path: the step applies gradients from forwards run in
+    the modes the model has now, which is what the rules are given."""
+    m = st.ref()
+    if m is None:
+        return
+    if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
+        st.rescan(m)
+    st.fwd_seq += 1
+    st.source = ForwardRecord(st, st.snapshot, None, ALLOWED.get(), st.fwd_seq, inputs.UNSEEN)
+    st.evidence += 1
 
 
 def _check_after_closure(guard, ost, optimizer, args, kwargs):

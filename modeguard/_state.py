@@ -191,10 +191,14 @@ class GradMark:
                 self.root.grads_persist = False  # replaced or cleared: set_to_none
             if g is not None:
                 self.v_first = g._version
+                # The second parameter is read too, so that a later step that finds the
+                # first untouched can tell about it (no zero_grad, no backward).
+                h = self.last.grad
+                self.g_last, self.v_last = h, (h._version if h is not None else -1)
                 return 2
-            return self._last_moved()
+            return self._first_silent()
         if g is None:
-            return self._last_moved()
+            return self._first_silent()
         root = self.root
         if root.grads_persist is not True:
             root.grads_persist, root.countdown = True, 0
@@ -202,6 +206,13 @@ class GradMark:
         if v != self.v_first:
             self.v_first = v
             return 1
+        return self._last_moved()
+
+    def _first_silent(self) -> int:
+        """No gradient on the first parameter: no backward reached it, or it was frozen
+        since the mark was made (then it tells nothing any more: read others)."""
+        if not self.first.requires_grad:
+            return self._repick()
         return self._last_moved()
 
     def _none_or_repick(self) -> int:

@@ -52,10 +52,13 @@ def loader(n: int = 48, batch: int = 8, seed: int = 0) -> DataLoader:
 
 class LitMLP(pl.LightningModule):
     """Linear -> BatchNorm -> ReLU -> Dropout -> Linear, trained by Lightning. Its
-    training_step calls ``self(x)`` (so ``watch(pl_module)`` sees the forward)."""
+    training_step calls ``self(x)``, or with ``submodules`` its submodules one by one, as
+    most LightningModules are written (then the model's own forward never runs)."""
 
-    def __init__(self, manual: bool = False, skip_backward: bool = False, freeze_backbone: bool = False):
+    def __init__(self, manual: bool = False, skip_backward: bool = False, freeze_backbone: bool = False,
+                 submodules: bool = False):
         super().__init__()
+        self.submodules = submodules  # training_step calls the submodules, not self(x)
         self.backbone = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU())
         self.drop = nn.Dropout(0.3)
         self.head = nn.Linear(16, N_CLASSES)
@@ -69,7 +72,8 @@ class LitMLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)  # FORWARD
+        out = self.head(self.drop(self.backbone(x))) if self.submodules else self(x)
+        loss = F.cross_entropy(out, y)  # FORWARD
         if self.automatic_optimization:
             return loss
         opt = self.optimizers()

@@ -4,8 +4,9 @@ right code and the user's own line, findings do not lag behind Lightning's
 ``optimizer.step(closure)``, and ``fail_on`` / ``on_violation="raise"`` stop the first bad
 update.
 
-Every LightningModule here calls ``self(x)`` in its training_step: a watched model sees
-the forwards that run inside its own ``__call__``.
+The LightningModules here call ``self(x)`` in their training_step, except where a test
+says ``submodules=True``: then the model's own forward never runs, and what its
+gradients show is checked at the step.
 """
 
 import copy
@@ -159,6 +160,23 @@ def test_a_callback_that_leaves_the_encoder_in_eval_is_mg101():
     site = v.mode_set_at
     assert (site.location.file, site.location.line) == (__file__, line_of(EncoderLeftInEval, "# LEFT-IN-EVAL"))
     assert site.how == "Sequential.eval()" and site.framework is None
+
+
+def test_a_training_step_that_calls_submodules_is_checked_too():
+    # training_step calls self.backbone, self.drop and self.head, never self(x): the
+    # LightningModule's own forward does not run, its gradients still tell.
+    cb = ModeGuardCallback(fail_on="never", print_report=False)
+    fit(LitMLP(submodules=True), [cb, EncoderLeftInEval()], val_every=3)
+    v = only(cb.report, "MG101")
+    assert v.modules == ["backbone.1"] and v.count == 6
+    site = v.mode_set_at
+    assert (site.location.file, site.location.line) == (__file__, line_of(EncoderLeftInEval, "# LEFT-IN-EVAL"))
+
+
+def test_a_correct_training_step_that_calls_submodules_is_silent():
+    cb = ModeGuardCallback(fail_on="never", print_report=False)
+    fit(LitMLP(submodules=True), [cb], val_every=3)
+    assert list(cb.report) == []
 
 
 def test_a_whole_model_left_in_eval_is_an_error_at_the_users_fit_call():

@@ -718,6 +718,20 @@ INPUT_DROPOUT_FROZEN_BACKBONE = Program(
 )
 
 
+#: A skipped backward with no zero_grad() either: the stale gradients applied again
+#: (once missed: the first parameter untouched, the last one not read yet).
+STALE_GRADIENTS_STEPPED = Program(
+    tree=(("linear",), ("linear",)),
+    ops=(("zero_grad",), ("forward", "grad"), ("backward",), ("step",), ("zero_grad",), ("forward", "grad"),
+         ("backward",), ("step",), ("forward", "grad"), ("step",)),
+)
+#: The first layer frozen, then a step twice (once missed: the parameters read were the
+#: frozen ones).
+STEP_TWICE_AFTER_FREEZING = Program(
+    tree=(("linear",), ("linear",)),
+    ops=(("zero_grad",), ("forward", "grad"), ("backward",), ("step",), ("requires_grad", 1, False), ("train", 0),
+         ("zero_grad",), ("forward", "grad"), ("backward",), ("step",), ("step",)),
+)
 #: A model that no backward ever reaches, stepped anyway, its Dropout in train mode under
 #: no_grad once per step: a teacher with random targets (MG201), and steps without a
 #: backward (MG602).
@@ -747,6 +761,8 @@ ENCODER_WITH_BATCHNORM = Program(
 @example(program=INPUT_DROPOUT_MISS)
 @example(program=INPUT_DROPOUT_FROZEN_BACKBONE)
 @example(program=TEACHER_WITH_DROPOUT)
+@example(program=STALE_GRADIENTS_STEPPED)
+@example(program=STEP_TWICE_AFTER_FREEZING)
 @example(program=ENCODER_WITH_BATCHNORM)
 def test_random_programs_against_the_reference_model(program):
     check(program)

@@ -442,6 +442,57 @@ def test_probes_leave_no_hook_behind_even_when_a_forward_raises():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
+class Holder(nn.Module):
+    """A model that is never called itself: its submodules are (a LightningModule whose
+    training_step calls ``self.net(x)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+
+def test_submodules_called_outside_the_models_forward_are_checked_at_the_step():
+    holder = Holder()
+    opt = sgd(holder)
+    with modeguard.watch(holder, opt, on_violation="record") as guard:
+        holder.net.train()
+        train_step(holder.net, opt)
+        assert codes(guard) == []
+        holder.net.eval()  # validate(), and nothing puts it back
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(holder.net(batch()), labels()).backward()
+            opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].modules == ["net.bn", "net.drop"] and found[0].count == 3
+
+
+def test_quiet_for_submodules_called_outside_the_models_forward_in_train_mode():
+    holder = Holder()
+    opt = sgd(holder)
+    with modeguard.watch(holder, opt, on_violation="record") as guard:
+        for _ in range(3):
+            train_step(holder.net, opt)
+        holder.eval()
+        with torch.no_grad():
+            holder.net(batch())
+        holder.train()
+        train_step(holder.net, opt)
+        assert guard.violations == []
+
+
+def test_quiet_for_a_frozen_part_called_outside_the_models_forward():
+    holder = Holder()
+    holder.net.fc1.requires_grad_(False)
+    holder.net.bn.requires_grad_(False)
+    opt = sgd(holder)
+    with modeguard.watch(holder, opt, on_violation="record") as guard:
+        holder.net.bn.eval()  # a frozen BatchNorm kept in eval on purpose
+        for _ in range(3):
+            train_step(holder.net, opt)
+        assert guard.violations == []
+
+
 def test_quiet_for_modules_marked_frozen():
     model = FineTuneNet()
     opt = sgd(model)

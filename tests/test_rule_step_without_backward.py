@@ -267,6 +267,39 @@ def test_quiet_for_accumulation_whose_last_micro_batch_skips_its_backward():
         assert guard.violations == []
 
 
+def test_a_skipped_backward_with_no_zero_grad_either_fires():
+    # The stale gradients of the previous batch are applied a second time. Found by the
+    # oracle: the first parameter was untouched, the last one had no record yet.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(3):
+            opt.zero_grad()
+            _loss(model, seed=step).backward()
+            opt.step()
+        _loss(model, seed=3)  # non-finite, say: no backward, and no zero_grad
+        opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].count == 1
+
+
+def test_step_twice_after_freezing_the_first_layer_fires():
+    model = nn.Sequential(nn.Linear(batch().shape[1], 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+        model[0].requires_grad_(False)  # the parameters read so far get no gradient now
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+        assert codes(guard) == []
+        opt.step()
+        found = codes(guard)
+    assert len(found) == 1 and found[0].count == 1
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_quiet_after_freezing_the_parameters_it_was_reading(set_to_none):
     # Fine-tuning that freezes every norm layer after a few steps: the first and last

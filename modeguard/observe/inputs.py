@@ -30,8 +30,10 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from .pickling import mark
 
 
-#: The readings of a forward that ran compiled: nothing inside it could be looked at.
-COMPILED = {}
+#: The readings of a forward that could not be looked into: it ran compiled, or it ran
+#: outside the model's own forward (its submodules called directly) and was learnt of
+#: only at the step.
+UNSEEN = {}
 
 
 def _tensors(args, kwargs):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._config import Severity
-from ..observe.inputs import COMPILED, in_frozen_part
+from ..observe.inputs import UNSEEN, in_frozen_part
 from ..report.names import leaves
 from ._base import NORM_KINDS, Rule
 
@@ -61,10 +61,11 @@ class StepInEval(Rule):
         """A parameter-free module in eval (``observe/inputs.py``): gradients flowed
         through it, or it was fed the model's own inputs and is not part of a frozen
         submodule. Quiet when it never ran with grad enabled, or sat behind frozen layers.
-        A compiled forward could not be looked into: then only the frozen-part test."""
+        A forward that could not be looked into (compiled, or submodules called outside
+        the model's forward): then only the frozen-part test."""
         if model is None:
             return False
-        if probe is COMPILED:
+        if probe is UNSEEN:
             return not in_frozen_part(model, entry.name)
         reading = probe.get(i) if probe else None
         if not reading:
