@@ -87,6 +87,11 @@ class RootState:
         self.probing = bool(self.snapshot.probed) and not self.compiled
         self.sample_due = not self.snapshot.root_training and bool(guard.eval_call_rules) and not self.compiled
 
+    def refresh_param_ids(self) -> None:
+        m = self.ref()
+        if m is not None:
+            self.param_ids = frozenset(id(p) for p in m.parameters())
+
     def disarm(self) -> None:
         if self.pre_handle is not None:
             self.pre_handle.remove()
@@ -289,6 +294,8 @@ class OptimizerState:
                 or STRUCTURE_EPOCH[0] != self._struct or guard.roots_version != self._version):
             ids = {id(p) for g in groups for p in g["params"]}
             # list(): another thread may be adding a model (automatic mode).
+            for st in list(guard.root_states()):
+                st.refresh_param_ids()  # parameters may have been swapped in place (fully_shard)
             self._roots = [st for st in list(guard.root_states()) if st.active and not ids.isdisjoint(st.param_ids)]
             self._ngroups, self._nfirst = len(groups), nfirst
             self._struct, self._version = STRUCTURE_EPOCH[0], guard.roots_version

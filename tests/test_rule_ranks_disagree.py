@@ -111,10 +111,30 @@ def test_fsdp_ranks_that_disagree_are_reported(ranks):
     assert "rank 0: _fsdp_wrapped_module.bn, _fsdp_wrapped_module.drop in train" in mg501["headline"]
 
 
+def test_fsdp2_rank_left_in_eval_is_mg101_there_and_mg501(ranks):
+    # fully_shard, LayerNorm + Dropout: every rank validates, only rank 0 calls train()
+    # again. Rank 1 trains with its Dropout in eval (MG101, as the same model under DDP),
+    # and the ranks disagree (MG501).
+    zero, one = ranks[0]["fsdp2_zombie_eval"], ranks[1]["fsdp2_zombie_eval"]
+    assert codes(one) == ["MG101", "MG501"] and codes(zero) == ["MG501"]
+    (mg101,) = [v for v in one["violations"] if v["code"] == "MG101"]
+    assert mg101["modules"] == ["drop"]
+    (mg501,) = [v for v in zero["violations"] if v["code"] == "MG501"]
+    assert mg501["modules"] == ["drop"]
+
+
+def test_fsdp2_swapping_parameters_is_not_a_structure_change(ranks):
+    # fully_shard assigns sharded and unsharded parameters under the same names around
+    # every forward: modeguard's snapshot is not rebuilt for that.
+    for r in (0, 1):
+        for scenario in ("fsdp2_clean", "fsdp2_zombie_eval"):
+            assert ranks[r][scenario]["structure_changes"] == 0, (r, scenario)
+
+
 # ---- stays quiet -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["clean", "no_sync", "find_unused", "unwrapped", "uneven"])
+@pytest.mark.parametrize("scenario", ["clean", "no_sync", "find_unused", "unwrapped", "uneven", "fsdp2_clean"])
 def test_ranks_that_agree_or_train_their_own_models_are_quiet(ranks, scenario):
     for r in (0, 1):
         assert ranks[r][scenario]["violations"] == [], (r, ranks[r][scenario])

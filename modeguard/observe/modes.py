@@ -7,7 +7,8 @@ and records the user's line. A second patch on ``nn.Module.train`` remembers the
 call, so one ``model.eval()`` over a thousand modules costs one stack walk, and recognises
 a model's own ``train()`` override that puts children back in eval (mmdetection's
 ``norm_eval``): those are intentional. Torch has no hook for either; module and
-parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH``. The same
+parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH`` (a
+parameter assigned again under the same name does not: FSDP2 does that at every forward). The same
 install adds pickling's hook stripping (``pickling.py``). All of it goes through
 ``_patches.SharedPatches``: installed with the first active guard, removed with the last.
 """
@@ -222,6 +223,14 @@ def _on_structure_change(*_args):
     _epoch_moved()
 
 
+def _on_parameter_registered(module, name, param):
+    # A new parameter changes the structure; one assigned again under a name the module
+    # already has does not. FSDP2's fully_shard swaps sharded and unsharded parameters
+    # in and out of every module around each forward: not a change of the model.
+    if name not in module._parameters:
+        _on_structure_change()
+
+
 def _on_module_registered(module, name, submodule):
     _on_structure_change()
     if name == "_orig_mod":  # torch.compile(model) wrapping a model
@@ -253,7 +262,7 @@ def _install(patches: Patches) -> None:
         patches.replace(nn.Module, "__reduce_ex__", pickling.module_reduce_ex)
     reg = nn.modules.module
     patches.add_handle(reg.register_module_module_registration_hook(_on_module_registered))
-    patches.add_handle(reg.register_module_parameter_registration_hook(_on_structure_change))
+    patches.add_handle(reg.register_module_parameter_registration_hook(_on_parameter_registered))
     STRUCTURE_EPOCH[0] += 1
     MODE_EPOCH[0] += 1
 

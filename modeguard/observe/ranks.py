@@ -255,13 +255,19 @@ def likely_distributed() -> bool:
 
 def process_group_of(module: nn.Module):
     """The process group whose ranks hold replicas of ``module``: a DistributedDataParallel
-    or FullyShardedDataParallel (FSDP1) wrapper's own; None for any other module."""
+    or FullyShardedDataParallel (FSDP1) wrapper's own, the world for a module that
+    ``fully_shard`` (FSDP2) sharded; None for any other module."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         return module.process_group
     fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported here: FSDP1 needs it loaded
     wrapper = getattr(fsdp, "FullyShardedDataParallel", None) if fsdp is not None else None
     if wrapper is not None and isinstance(module, wrapper):
         return module.process_group
+    sharded = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    if sharded is not None and isinstance(module, sharded):
+        # FSDP2 (fully_shard): every rank of the mesh holds a shard of the same model, so
+        # the whole world trains it (HSDP's replicas included).
+        return torch.distributed.group.WORLD
     return None
 
 

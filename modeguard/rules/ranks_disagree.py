@@ -69,7 +69,7 @@ class RanksDisagree(Rule):
     """
     quiet_when = [
         "every rank trains the model with the same modes, also with no_sync() gradient accumulation, find_unused_parameters=True and communication hooks",
-        "the model is not wrapped in DistributedDataParallel or FullyShardedDataParallel (ranks may train different models on purpose)",
+        "the model is not wrapped in DistributedDataParallel or FullyShardedDataParallel, nor sharded with fully_shard (ranks may train different models on purpose)",
         "the process group has one rank, or torch.distributed is not initialized",
     ]
     fix = "put the model in the same mode on every rank: call model.train() after validate() on every rank, or validate on every rank."

@@ -184,6 +184,60 @@ def scenario_fsdp_rank0_trains(rank):
         return {"violations": found(guard)}
 
 
+class NormNet(nn.Module):
+    """LayerNorm and Dropout: its only mode-sensitive module has no parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.drop, self.fc2 = nn.Linear(8, 16), nn.LayerNorm(16), nn.Dropout(0.3), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.norm(self.fc1(x)))))
+
+
+def _fsdp2(rank, back_to_train):
+    """FSDP2 (fully_shard): every rank validates (its forward all-gathers), and
+    ``back_to_train(rank)`` says which ranks call train() again. Also counts how often
+    modeguard's snapshot had to be rebuilt per step (fully_shard swaps parameters in and
+    out of every module around each forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from modeguard.observe import modes
+
+    model = NormNet()
+    fully_shard(model.fc1)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        data = batches(rank, 8)
+        model.train()
+        x, y = data[1]
+        F.cross_entropy(model(x), y).backward()  # the first step, before counting
+        opt.step()
+        rebuilds_before = modes.STRUCTURE_EPOCH[0]
+        for step in range(2, 25):
+            x, y = data[step % 8]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if step % 8 == 0:
+                model.eval()
+                with torch.no_grad():
+                    model(data[0][0])
+                if back_to_train(rank):
+                    model.train()
+        return {"violations": found(guard), "structure_changes": modes.STRUCTURE_EPOCH[0] - rebuilds_before}
+
+
+def scenario_fsdp2_clean(rank):
+    return _fsdp2(rank, lambda r: True)
+
+
+def scenario_fsdp2_zombie_eval(rank):
+    """Only rank 0 puts the model back in train mode: rank 1 trains with Dropout off."""
+    return _fsdp2(rank, lambda r: r == 0)
+
+
 def scenario_no_sync(rank):
     """Gradient accumulation over 4 micro-batches with no_sync(), every rank validating."""
     model = Net()
@@ -297,6 +351,7 @@ def main():
     for name, fn in [("clean", scenario_clean), ("rank0_validates", scenario_rank0_validates),
                      ("model_watched_inside_ddp", scenario_model_watched_inside_ddp),
                      ("fsdp_rank0_trains", scenario_fsdp_rank0_trains),
+                     ("fsdp2_clean", scenario_fsdp2_clean), ("fsdp2_zombie_eval", scenario_fsdp2_zombie_eval),
                      ("no_sync", scenario_no_sync), ("find_unused", scenario_find_unused),
                      ("unwrapped", scenario_unwrapped), ("uneven", scenario_uneven)]:
         results[name] = fn(rank)
