@@ -11,9 +11,9 @@ inside it, and its forwards are seen from outside, where the compiled code is ca
 - ``model.compile()`` sets ``model._compiled_call_impl``, which ``nn.Module.__call__``
   calls: it is wrapped (and put back at ``unwatch()``).
 
-Either is noticed whichever comes first: ``watch()`` of a compiled model, or compiling a
-watched one (the ``_orig_mod`` registration and the ``_compiled_call_impl`` assignment go
-through ``observe/modes.py``). What cannot be seen from outside is what happens inside a
+Either is noticed whichever comes first: ``watch()`` of a compiled model (or of a model
+whose ``torch.compile`` wrapper exists), or compiling a watched one (the ``_orig_mod``
+registration and the ``_compiled_call_impl`` assignment go through ``observe/modes.py``). What cannot be seen from outside is what happens inside a
 compiled forward: the inputs of a Dropout in eval (MG101 then judges it by whether it sits
 in a frozen part, see ``rules/step_in_eval.py``) and MG202's torch calls.
 """
@@ -42,9 +42,33 @@ def optimized_module(module) -> Optional[nn.Module]:
 
 
 def unwrap(module: nn.Module) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """``(model, wrapper)``: the model to watch, and the ``OptimizedModule`` around it."""
+    """``(model, wrapper)``: the model to watch, and the ``OptimizedModule`` around it:
+    ``module`` itself, or one made earlier by ``torch.compile(model)`` (the user watching
+    the model they compiled before)."""
     inner = optimized_module(module)
-    return (inner, module) if inner is not None else (module, None)
+    if inner is not None:
+        return inner, module
+    return module, wrapper_of(module)
+
+
+def wrapper_of(model: nn.Module) -> Optional[nn.Module]:
+    """An ``OptimizedModule`` made by ``torch.compile(model)`` before the model was
+    watched, if one is alive. Slow (a walk of the referrers), and asked only at watch()
+    time in a process that has compiled something."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    import gc
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    for holder in gc.get_referrers(model):
+        if isinstance(holder, dict) and holder.get("_orig_mod") is model:
+            for owner in gc.get_referrers(holder):
+                if isinstance(owner, dict):
+                    for wrapper in gc.get_referrers(owner):
+                        if isinstance(wrapper, OptimizedModule) and optimized_module(wrapper) is model:
+                            return wrapper
+    return None
 
 
 class _CallImplHandle:
