@@ -73,9 +73,12 @@ def _cpu_name() -> str:
 
 def run_set(title, wls, instruments, args, log) -> list:
     out = []
+    all_instruments = instruments
     for w in wls:
         log(f"  {w.label}: {w.n_modules} modules, {w.n_params / 1e6:.2f} M parameters")
         t0 = time.perf_counter()
+        keys = getattr(w, "instrument_keys", None)
+        instruments = [i for i in all_instruments if keys is None or i.key in keys]
         timing = harness.compare(w, instruments, rounds=args.rounds, block_time=args.block_time,
                                  threads=args.threads, timer=args.timer if w.device == "cpu" else "wall", log=log)
         memory = harness.peak_memory(w, instruments, steps=3 if args.quick else 10)

@@ -142,6 +142,9 @@ class Workload:
     amp: Optional[str] = None
     lr: float = 0.01
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    #: A torch.compile backend: the steps call ``torch.compile(model)``, made before any
+    #: instrument is installed (modeguard finds the wrapper of the model it watches).
+    compile: Optional[str] = None
 
     def __post_init__(self):
         self.model.to(self.device)
@@ -149,12 +152,19 @@ class Workload:
         self.targets = self.targets.to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
         self.scaler = torch.amp.GradScaler(self.device) if self.amp == "fp16" else None
+        self.call = torch.compile(self.model, backend=self.compile) if self.compile else self.model
         self.n_modules = sum(1 for _ in self.model.modules())
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     @property
     def label(self) -> str:
         return self.name if self.amp is None else f"{self.name} [{self.amp}]"
+
+    @property
+    def instrument_keys(self) -> Optional[tuple]:
+        """The setups this workload is measured with (None: all). A compiled model only
+        with modeguard's: per-module hooks would be compiled into its graphs."""
+        return ("baseline", "again", "watch", "auto") if self.compile else None
 
     def autocast(self):
         if self.amp is None:
@@ -166,7 +176,7 @@ class Workload:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.loss_fn(self.model(self.inputs), self.targets)
+            loss = self.loss_fn(self.call(self.inputs), self.targets)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
@@ -177,7 +187,7 @@ class Workload:
 
     def eval_forward(self) -> None:
         with torch.inference_mode(), self.autocast():
-            self.model(self.inputs)
+            self.call(self.inputs)
 
     def operation(self, phase: str) -> Callable[[], None]:
         return self.train_step if phase == "train" else self.eval_forward
@@ -204,7 +214,16 @@ def cpu_workloads(quick: bool = False) -> list:
         _classification("mlp", MLP(), torch.randn(16, 64, generator=g), 10, "cpu", None),
         _classification("resnet18", ResNet(BasicBlock, [2, 2, 2, 2], width=16), torch.randn(2, 3, 32, 32, generator=g), 10, "cpu", None),
         _classification("transformer", TransformerClassifier(d_model=64, heads=4, layers=2, ff=128), torch.randint(0, 1000, (8, 32), generator=g), 10, "cpu", None),
+        compiled_mlp(),
     ]
+
+
+def compiled_mlp() -> "Workload":
+    """The MLP under ``torch.compile`` (inductor): the row for a compiled model."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=g)
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    return Workload("mlp_compiled", MLP(), x, y, compile="inductor")
 
 
 def gpu_workloads(device: str = "cuda", quick: bool = False) -> list:

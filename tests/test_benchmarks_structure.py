@@ -342,3 +342,26 @@ def test_amp_workloads_and_the_gpu_report_run_on_cpu():
     assert not any("syncs" in n for n in names)  # counted on CUDA only
     assert report.timing_table(rows).count("| transformer [fp16] (") == 2
     assert "| transformer [bf16] |" in report.memory_table(rows)
+
+
+def test_the_compiled_workload_is_measured_with_modeguard_only_and_is_watched_through_its_wrapper():
+    import torch._dynamo
+
+    from benchmarks import workloads
+    from benchmarks.instruments import ModeguardWatch
+
+    torch._dynamo.reset()
+    w = workloads.compiled_mlp()
+    w.compile = "eager"  # the structure, not inductor's C++ build
+    w.call = torch.compile(w.model, backend="eager")
+    assert w.label == "mlp_compiled" and set(w.instrument_keys) == {"baseline", "again", "watch", "auto"}
+    inst = ModeguardWatch()
+    inst.install(w)
+    try:
+        w.set_phase("eval")
+        for _ in range(2):
+            w.train_step()  # a training step in eval: found through the compiled wrapper
+        assert [v.code for v in inst.guard.violations] == ["MG101"]
+    finally:
+        inst.uninstall(w)
+    assert not w.model._forward_hooks and not w.call._forward_hooks
