@@ -174,7 +174,7 @@ class AutoSession:
         for path, sub in module.named_modules():
             if path:
                 self._paths.setdefault(id(sub), (weakref.ref(sub), st.name, path))
-        return _Root(st, make_pre_hook(st), make_post_hook(guard, st))
+        return _Root(st, make_pre_hook(st), make_post_hook(guard, st, caller_depth=2))
 
     def _name_for(self, module: nn.Module) -> str:
         """``Net``; ``Net.encoder`` for a submodule of a watched model; ``Net (ema)`` with

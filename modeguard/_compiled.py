@@ -102,10 +102,10 @@ def go_outside(guard, st, wrapper: Optional[nn.Module] = None) -> None:
     st.disarm()
     for h in st.handles:
         h.remove()
-    post = make_post_hook(guard, st)
     if wrapper is not None:
-        st.handles = [wrapper.register_forward_hook(mark(post))]
+        st.handles = [wrapper.register_forward_hook(mark(make_post_hook(guard, st)))]
         return
+    post = make_post_hook(guard, st, caller_depth=3)  # called by the wrapper below
     compiled = model.__dict__.get("_compiled_call_impl")
     if compiled is None:
         st.handles = []

@@ -147,6 +147,7 @@ class Guard:
         self.release_rules = [r for r in enabled if overrides(r, "on_release")]
         self.step_rules = [r for r in enabled if overrides(r, "on_step")]
         self.poll_rules = [r for r in enabled if overrides(r, "on_poll")]
+        self.report_rules = [r for r in enabled if overrides(r, "on_report")]
         self.poll_interval = min((r.poll_interval for r in self.poll_rules), default=1 << 30)
         # torch function -> the rules that look at its calls in sampled eval-mode forwards
         # (observe/calls.py); empty: no forward is ever sampled.
@@ -338,11 +339,15 @@ class Guard:
     def _drain_quietly(self, judge_live_graphs: bool = False) -> None:
         if judge_live_graphs:
             judge_live(self)
-        if not RELEASED:
+        if not RELEASED and not (judge_live_graphs and self.report_rules):
             return
         self._quiet += 1
         try:
             drain_released()
+            if judge_live_graphs:
+                for rule in self.report_rules:
+                    for st in list(self._roots.values()):
+                        rule.on_report(self, st)
         except Exception:  # a rule failing here must not stop unwatch() or a report
             pass
         finally:

@@ -24,6 +24,7 @@ rules, in ``observe/`` and in ``report/``, only when a counter moved or a rule f
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -89,10 +90,16 @@ def make_pre_hook(st):
     return modeguard_forward_pre_hook
 
 
-def make_post_hook(guard, st):
+def make_post_hook(guard, st, caller_depth: int = 4):
+    """``caller_depth``: how far up the user's call is from the hook (4 for a forward hook:
+    torch's _call_impl, its inner() and _wrapped_call_impl in between; 2 for automatic
+    mode's wrapper). Where torch's frames differ the line found is torch's, and the one
+    finding that needs it (a last forward never backpropagated) falls back to the
+    report's line."""
     nograd_rules = guard.nograd_rules
     presumed = st.presumed
     get_allowed = ALLOWED.get
+    getframe = sys._getframe
 
     def modeguard_forward_hook(module, args, output):
         if _compiling():
@@ -114,6 +121,9 @@ def make_post_hook(guard, st):
                 # or step. Presumed backpropagated; nothing is allocated.
                 st.countdown -= 1
                 presumed.snapshot, presumed.allowed, presumed.seq, presumed.activity = snap, get_allowed(), st.fwd_seq, act
+                f = getframe(caller_depth)
+                presumed.code = f.f_code
+                presumed.line = f.f_lineno
                 st.source = presumed
                 st.evidence += 1
             else:

@@ -416,3 +416,77 @@ def test_a_train_mode_forward_that_returns_a_python_number_is_evaluation():
             model(batch(seed=seed), labels(seed=seed))  # a float: the graph is gone, unused
         found = codes(guard)
     assert len(found) == 1 and found[0].location.line == line
+
+
+# ---- one batch evaluated at the end, in train mode with grad enabled ------------------------
+
+
+def test_one_batch_scored_after_training_is_reported_at_the_report():
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(3):
+            train_step(model, opt)
+        line = here() + 1
+        model(batch(seed=9)).argmax(1)  # held-out batch, still in train mode, grad enabled
+        assert codes(guard) == []  # it may still be backpropagated...
+        report = guard.report()  # ...until the report: then it counts
+    (v,) = [v for v in report.violations if v.code == "MG201"]
+    assert (v.location.file, v.location.line) == (__file__, line)
+    assert v.modules == ["bn", "drop"] and "last forward" in v.headline
+    assert len(guard.report().violations) == 1  # judged once
+
+
+def test_one_batch_scored_after_training_is_reported_at_unwatch_in_automatic_mode():
+    from modeguard import _auto as auto
+
+    guard = auto.start(on_violation="record")
+    try:
+        model = MLP()
+        opt = sgd(model)
+        for _ in range(3):
+            train_step(model, opt)
+        line = here() + 1
+        model(batch(seed=9)).argmax(1)
+    finally:
+        auto.stop()
+    (v,) = guard.violations
+    assert v.code == "MG201" and (v.location.file, v.location.line) == (__file__, line)
+
+
+def test_quiet_for_a_batch_skipped_in_the_middle_of_training():
+    # `if not torch.isfinite(loss): continue`: no backward, no step, and training goes on.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for step in range(4):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(batch(seed=step)), labels(seed=step))
+            if step == 2:
+                continue
+            loss.backward()
+            opt.step()
+        assert guard.report().violations == []
+
+
+@pytest.mark.parametrize("ending", ["step", "backward"])
+def test_quiet_when_training_ends_with_its_backward_or_step(ending):
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(2):
+            train_step(model, opt)
+        opt.zero_grad()
+        F.cross_entropy(model(batch()), labels()).backward()
+        if ending == "step":
+            opt.step()
+        assert guard.report().violations == []
+
+
+def test_quiet_for_one_forward_of_a_model_never_trained():
+    # A shape check, a dummy forward that initialises lazy modules: nothing trained yet.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        assert model(batch()).shape == (16, 3) or True
+        assert guard.report().violations == []

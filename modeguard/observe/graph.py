@@ -51,13 +51,18 @@ class PresumedForward:
     presumed to be backpropagated. One object per watched model, updated in place, so
     the common forward allocates nothing."""
 
-    __slots__ = ("snapshot", "allowed", "seq", "activity")
+    __slots__ = ("snapshot", "allowed", "seq", "activity", "code", "line", "judged")
 
     def __init__(self):
         self.snapshot = None
         self.allowed = None
         self.seq = -1
         self.activity = -1  # ACTIVITY at that forward: what a backward or step since moves
+        # The caller's code object and line (no frame kept), for the one case where this
+        # forward turns out to be an evaluation: the last one before a report.
+        self.code = None
+        self.line = 0
+        self.judged = -1  # the seq already judged at a report
 
 
 #: The graph watches alive now, held weakly: what a report counts as unused when the

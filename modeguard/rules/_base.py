@@ -80,6 +80,11 @@ class Rule:
         the sample's ``CallWatch`` (its ``model_frame`` finds the model's module on the
         stack). Runs on the slow path: the frames may be walked."""
 
+    def on_report(self, guard, root) -> None:
+        """A report is being made (``guard.report()``, ``unwatch()``, the end of
+        ``modeguard run`` or of a pytest test): what is still pending about ``root``
+        counts now. Slow path."""
+
     def on_step(self, guard, opt_state, fresh, roots, backward_seen: bool) -> None:
         """Before ``optimizer.step()`` of a watched optimizer (for ``step(closure)``:
         when the closure first returns, still before the update). ``roots`` are the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._config import Severity
-from .._frames import stack_has_function
+from .._frames import _is_internal, stack_has_function
 from ..observe.graph import ACTIVITY
 from ..report.names import leaves
 from ._base import NORM_KINDS, Rule
@@ -148,6 +148,23 @@ class EvalInTrainMode(Rule):
                 s.unused += 1  # the evaluation's first forward, taken for training
         if s.unused >= _threshold(root) and record.where is not None:
             self._fire(guard, root, snap, record.where, "with grad enabled, and no backward used their graphs", record.allowed)
+
+    def on_report(self, guard, root):
+        """The model's last forward was an ordinary-looking training forward (presumed
+        backpropagated), and nothing followed it: no backward reached the model, no step
+        ran. A model that has been trained, evaluated with one batch at the end of the
+        program in train mode with grad enabled. (A single such forward between training
+        steps is a batch whose backward was skipped; only at the end is it evaluation.)"""
+        p = root.presumed
+        snap = p.snapshot
+        if (snap is None or p.seq != root.fwd_seq or p.judged == p.seq or p.activity != ACTIVITY[0]
+                or not root.trained or not snap.root_training or not snap.train_sensitive
+                or not root.grads_unmoved()):
+            return
+        p.judged = p.seq
+        code = p.code
+        where = (code, p.line) if code is not None and not _is_internal(code) else None
+        self._fire(guard, root, snap, where, "with grad enabled, its last forward, which no backward used", p.allowed)
 
     def _fire(self, guard, root, snap, where, how, allowed, names=None, headline=None):
         if stack_has_function({"update_bn"}, "swa_utils"):
