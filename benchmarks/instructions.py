@@ -1,7 +1,9 @@
-"""``python -m benchmarks.instructions [--only NAMES] [--setups KEYS] [--steps N] [--seeds K] [--json PATH] [--markdown PATH]``
+"""``python -m benchmarks.instructions [--only NAMES] [--setups KEYS] [--framework-setups KEYS] [--steps N] [--seeds K] [--json PATH] [--markdown PATH]``
 
 Instructions each setup adds per step, counted with valgrind's callgrind: the workloads and
-setups of ``python -m benchmarks``, measured without timing noise.
+setups of ``python -m benchmarks``, measured without timing noise; and, asked for by name
+(``--only lightning,hf``), a training step inside PyTorch Lightning and the Hugging Face
+Trainer (``frameworks.py``), where the window is opened and closed by a callback.
 
 On a small model the added time is a few tens of µs, against a step whose time moves by
 more than that from one timed block to the next, so a time-based comparison with the
