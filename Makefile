@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-test bench bench-instructions install clean
+.PHONY: demo test bench-test bench bench-instructions bench-instructions-frameworks install clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -35,6 +35,11 @@ bench: $(STAMP)
 # Deterministic companion to `make bench` for the MLP (needs valgrind; about 10 minutes on 2 cores).
 bench-instructions: $(STAMP)
 	$(PY) -m benchmarks.instructions --json benchmarks/results/instructions.json --markdown benchmarks/results/instructions.md
+
+# The training step inside Lightning and the Hugging Face Trainer, counted the same way
+# (needs valgrind; about half an hour on 2 cores: the frameworks' imports run under valgrind too).
+bench-instructions-frameworks: $(STAMP)
+	$(PY) -m benchmarks.instructions --only lightning,hf --steps 6 --seeds 1 --json benchmarks/results/instructions-frameworks.json --markdown benchmarks/results/instructions-frameworks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,9 @@
-"""``python -m benchmarks.instructions [--only NAMES] [--setups KEYS] [--steps N] [--seeds K] [--json PATH] [--markdown PATH]``
+"""``python -m benchmarks.instructions [--only NAMES] [--setups KEYS] [--framework-setups KEYS] [--steps N] [--seeds K] [--json PATH] [--markdown PATH]``
 
 Instructions each setup adds per step, counted with valgrind's callgrind: the workloads and
-setups of ``python -m benchmarks``, measured without timing noise.
+setups of ``python -m benchmarks``, measured without timing noise; and, asked for by name
+(``--only lightning,hf``), a training step inside PyTorch Lightning and the Hugging Face
+Trainer (``frameworks.py``), where the window is opened and closed by a callback.
 
 On a small model the added time is a few tens of µs, against a step whose time moves by
 more than that from one timed block to the next, so a time-based comparison with the
@@ -233,7 +235,7 @@ def markdown(result: dict) -> str:
         "range is the noise floor: what the hash seed alone moves.",
         "",
     ]
-    for phase in [ph for ph in PHASES if ph in result["rows"][0]["phases"]]:
+    for phase in [ph for ph in PHASES if result["rows"] and ph in result["rows"][0]["phases"]]:
         title = TITLES[phase]
         keys = [k for k in ORDER if k in result["rows"][0]["phases"][phase]["setups"]]
         added = [k for k in keys if k != "baseline"]
@@ -264,6 +266,12 @@ def markdown(result: dict) -> str:
             c = row["sample_cost"]
             lines.append(f"| {row['workload']} ({row['n_modules']} modules) | " + " | ".join(f"{c[k]:+,.0f}" for k in keys) + " |")
         lines.append("")
+    if result.get("framework_rows"):
+        from . import frameworks
+
+        lines += frameworks.markdown(result["framework_rows"]).splitlines() + [""]
+    if not result["targets"]:
+        return "\n".join(lines) + "\n"
     lines += ["## Target: modeguard's added work at most one fifth of the naive design's", "",
               "Worst = the larger of the two modeguard fractions with modeguard at the top of its range "
               "and the naive design at the bottom of its.", "",
@@ -274,20 +282,43 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _framework_child(workload_name: str, key: str, steps: int, result_path: str) -> None:
+    from . import frameworks
+
+    pid = str(os.getpid())
+
+    def monitor(*cmd):
+        subprocess.run(["vgdb", f"--pid={pid}", *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    info = frameworks.run(workload_name, key, steps, monitor)
+    with open(result_path, "w") as f:
+        json.dump({"phases": ["train"], **info}, f)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        _child(argv[1], argv[2], int(argv[3]), argv[4])
+        from . import frameworks
+
+        child = _framework_child if argv[1] in frameworks.NAMES else _child
+        child(argv[1], argv[2], int(argv[3]), argv[4])
         return 0
+    from . import frameworks
+
     usable = [i.key for i in _instruments() if i.available() is None]
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description="Instructions each setup adds per step, counted with callgrind (needs valgrind).")
     # The MLP by default: it is where timing cannot decide, and it is quick under valgrind.
     # The ResNet's convolutions run so slowly there that one setup takes over ten minutes.
+    # The framework workloads (lightning, hf) have their own setups and take minutes per
+    # process under valgrind (the frameworks' imports alone): asked for by name only.
     p.add_argument("--only", metavar="NAMES", default="mlp",
-                   help="comma-separated CPU workloads (default: mlp; resnet18 takes over ten minutes per setup and seed)")
+                   help="comma-separated workloads: CPU ones (default: mlp; resnet18 takes over ten minutes per "
+                        "setup and seed) and the framework steps lightning, hf")
     default = [k for k in usable if k != "torcheck"]  # torcheck's cost is in the timing tables
     p.add_argument("--setups", metavar="KEYS", default=",".join(default),
                    help=f"comma-separated setups, baseline included, of {','.join(usable)} (default: {','.join(default)})")
+    p.add_argument("--framework-setups", metavar="KEYS", default=",".join(frameworks.ORDER),
+                   help=f"setups for lightning and hf, baseline included (default: {','.join(frameworks.ORDER)})")
     p.add_argument("--steps", type=int, default=24, help="steps per measurement (default 24)")
     p.add_argument("--seeds", type=int, default=3, help="hash seeds per setup (default 3)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes at once (default: one per core)")
@@ -298,15 +329,21 @@ def main(argv=None) -> int:
     keys = [k for k in args.setups.split(",") if k]
     from . import workloads
 
-    known = [w.name for w in workloads.cpu_workloads()]
+    fw_keys = [k for k in args.framework_setups.split(",") if k]
+    known = [w.name for w in workloads.cpu_workloads()] + list(frameworks.NAMES)
     for n in names:
         if n not in known:
             p.error(f"--only: unknown workload {n!r}; expected some of {', '.join(known)}")
     for k in keys:
         if k not in usable:
             p.error(f"--setups: {k!r} is not a usable setup here; expected some of {', '.join(usable)}")
-    if "baseline" not in keys:
+    for k in fw_keys:
+        if k not in frameworks.ORDER:
+            p.error(f"--framework-setups: {k!r} is not a framework setup; expected some of {', '.join(frameworks.ORDER)}")
+    if "baseline" not in keys or "baseline" not in fw_keys:
         p.error("--setups must include baseline: the other setups are measured against it")
+    plain = [n for n in names if n not in frameworks.NAMES]
+    framed = [n for n in names if n in frameworks.NAMES]
     if args.steps < 1 or args.seeds < 1 or args.jobs < 1:
         p.error("--steps, --seeds and --jobs must be at least 1")
     missing = [t for t in ("valgrind", "vgdb") if shutil.which(t) is None]
@@ -320,22 +357,27 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     meta = machine_info(threads=1)
     seeds = list(range(args.seeds))
-    print(f"callgrind: {', '.join(names)} x {', '.join(keys)} x {args.seeds} seed(s), {args.steps} steps each", flush=True)
+    combos = [(n, k) for n in plain for k in keys] + [(n, k) for n in framed for k in fw_keys]
+    print(f"callgrind: {', '.join(f'{n}/{k}' for n, k in combos)} x {args.seeds} seed(s), {args.steps} steps each",
+          flush=True)
     parts = []
     with tempfile.TemporaryDirectory(prefix="modeguard-callgrind-") as tmp, \
             concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        jobs = [pool.submit(measure, n, k, s, args.steps, tmp) for n in names for k in keys for s in seeds]
+        jobs = [pool.submit(measure, n, k, s, args.steps, tmp) for n, k in combos for s in seeds]
         for fut in concurrent.futures.as_completed(jobs):
             part = fut.result()
             parts.append(part)
             print(f"  {part['workload']} / {part['key']} / seed {part['seed']}: done", flush=True)
-    parts.sort(key=lambda q: (names.index(q["workload"]), keys.index(q["key"]), q["seed"]))
-    rows = summarise(parts)
+    order = keys + [k for k in fw_keys if k not in keys]
+    parts.sort(key=lambda q: (names.index(q["workload"]), order.index(q["key"]), q["seed"]))
+    rows = summarise([q for q in parts if q["workload"] in plain])
+    fw_rows = frameworks.summarise([q for q in parts if q["workload"] in framed])
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     meta.update(valgrind=version, fixed_layout=fixed_layout(), total_seconds=round(time.perf_counter() - started, 1))
     result = {
         "meta": meta,
-        "steps": args.steps, "seeds": seeds, "rows": rows, "targets": targets(rows), "measurements": parts,
+        "steps": args.steps, "seeds": seeds, "rows": rows, "targets": targets(rows),
+        "framework_rows": fw_rows, "measurements": parts,
     }
     text = markdown(result)
     print()

@@ -261,7 +261,8 @@ def _check_after_closure(guard, ost, optimizer, args, kwargs):
         return None
     checked: list = []
 
-    @functools.wraps(closure)
+    # No functools.wraps: Lightning's closure is an object without __name__ or __doc__,
+    # and copying them would raise and catch an AttributeError apiece at every step.
     def closure_then_check(*a, **k):
         out = closure(*a, **k)
         if not checked:  # LBFGS calls it again within the same step

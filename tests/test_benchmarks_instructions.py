@@ -138,3 +138,76 @@ def test_a_real_measurement_under_callgrind(tmp_path):
         assert setups["baseline"]["median"] > 300_000
         assert 1_000 < setups["watch"]["added"] < 200_000, phase
     assert row["findings"] == {"baseline": 0, "watch": 0}
+
+
+# ---- the framework workloads (lightning, hf) ------------------------------------------------
+
+def _fw_part(workload, key, train, seed=0, findings=0):
+    return {"workload": workload, "key": key, "seed": seed, "n_modules": 7, "findings": findings,
+            "per_step": {"train": train}}
+
+
+def test_framework_rows_count_modeguards_own_share_of_the_step():
+    from benchmarks import frameworks
+
+    parts = [_fw_part("lightning", "baseline", 5_000_000), _fw_part("lightning", "callback", 5_060_000),
+             _fw_part("lightning", "watch", 5_120_000), _fw_part("lightning", "auto", 5_150_000)]
+    (row,) = frameworks.summarise(parts)
+    # watch is measured against an empty callback (any callback costs the framework's hook
+    # calls), automatic mode against the baseline
+    assert row["own"] == {"watch": 60_000, "auto": 150_000}
+    assert row["own_fraction"]["watch"] == pytest.approx(0.012)
+    assert not row["met"]  # automatic mode at 3%
+    text = frameworks.markdown([row])
+    assert "| lightning: LightningModule around an MLP (7 modules) | 5,000,000 | +60,000 | +120,000 | +150,000 | " \
+           "+60,000 (1.20%) | +150,000 (3.00%) | no |" in text
+    whole = instructions.markdown({
+        "meta": {"date": "d", "total_seconds": 1, "valgrind": "valgrind-x", "platform": "p", "torch": "t",
+                 "python": "3", "modeguard": "0", "modeguard_commit": "c", "fixed_layout": True},
+        "steps": 8, "seeds": [0], "rows": [], "targets": [], "framework_rows": [row],
+    })
+    assert "## Training step inside the frameworks" in whole and "one fifth" not in whole
+
+
+def test_framework_window_holds_whole_steps_only():
+    from benchmarks import frameworks
+
+    sent = []
+    window = frameworks.Window(3, lambda *cmd: sent.append((window.seen, cmd)))
+    for _ in range(window.max_steps):
+        window.step_begins()
+    w = frameworks.WARMUP
+    assert sent == [(w, ("instrumentation", "on")), (w + 1, ("zero",)), (w + 4, ("dump",)),
+                    (w + 4, ("instrumentation", "off"))]
+    assert window.closed
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["lightning", "hf"])
+def test_framework_workloads_run_watched_and_silent(name):
+    # Outside valgrind: the fit reaches the end of the window, and modeguard's callback
+    # finds nothing in a correct loop.
+    from benchmarks import frameworks
+
+    sent = []
+    info = frameworks.run(name, "watch", 2, lambda *cmd: sent.append(cmd))
+    assert info["findings"] == 0 and info["n_modules"] == (7 if name == "lightning" else 51)
+    assert sent[-2:] == [("dump",), ("instrumentation", "off")]
+    assert not modeguard_patched()
+
+
+def modeguard_patched():
+    from modeguard.observe import modes
+
+    return modes.is_patched()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "lightning", "--framework-setups", "baseline,naive"], "'naive' is not a framework setup"),
+    (["--only", "hf", "--framework-setups", "watch"], "must include baseline"),
+])
+def test_bad_framework_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        instructions.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modeguard
 import modeguard._hotpath as hotpath_module
 from modeguard import _auto as auto
+from modeguard.observe import modes
 from modeguard.observe import snapshot as snapshot_module
 
 from benchmarks.instruments import all_instruments
@@ -175,6 +176,51 @@ def test_an_ordinary_step_calls_no_step_rule(monkeypatch):
         _loop(model, opt, x, y, 1)
         assert sorted(called) == sorted(step_rules)
     assert [v.code for v in guard.violations] == ["MG602", "MG101"]
+
+
+def _python_calls(fn) -> list:
+    """The Python functions ``fn()`` calls, by file and name (C functions left out)."""
+    import sys
+
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append((frame.f_code.co_filename, frame.f_code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls[:-1]  # the last is sys.setprofile's own return into this frame
+
+
+def _modeguard_calls(calls):
+    return [name for path, name in calls if "modeguard" in path]
+
+
+def test_assignments_and_unchanged_train_calls_stay_on_the_fast_path():
+    # Lightning assigns attributes on the LightningModule around every hook call, and the
+    # Hugging Face Trainer calls model.train() at every step: each costs one call of
+    # modeguard's patched function per module and nothing more (no bookkeeping, no
+    # stack walk), with the same detection when a flag does change.
+    model, opt, _, _ = _setup()
+    n = len(list(model.modules()))
+
+    def assign():
+        model.note = 1
+
+    with modeguard.watch(model, opt, on_violation="record"):
+        model.train()
+        assert _modeguard_calls(_python_calls(assign)) == ["__setattr__"]
+        assert _modeguard_calls(_python_calls(model.train)) == ["train", "__setattr__"] * n
+        model.net[1].training = False  # a direct assignment is still seen
+        assert modes.last_set(model.net[1]).how == "assignment"
+        changed = _modeguard_calls(_python_calls(model.train))
+        assert "_note_training" in changed
+    plain = _python_calls(assign)
+    assert [c for c in plain if "modeguard" in c[0]] == []
 
 
 def test_backward_sample_one_follows_every_training_forward(followed):

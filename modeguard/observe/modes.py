@@ -15,6 +15,7 @@ install adds pickling's hook stripping (``pickling.py``). All of it goes through
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -117,19 +118,26 @@ def _train_stack() -> list:
     return stack
 
 
-def _train_wrapper(wrapped, instance, args, kwargs):
-    # Called as module.train(mode) (instance bound) or nn.Module.train(module, mode).
-    if instance is None and args:
-        instance, args = args[0], args[1:]
-    mode = args[0] if args else kwargs.get("mode", True)
-    stack = _train_stack()
-    stack.append((instance, bool(mode)))
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        stack.pop()
-        if not stack:
-            _local.site = None
+def _patched_train(original):
+    """``nn.Module.train`` that remembers the calls in progress (outermost first), for
+    ``_note_training``. A plain function, not a wrapt wrapper: the Hugging Face Trainer
+    calls ``model.train()`` at every step, once per module of the model, and a wrapt
+    call's argument packing and binding cost several thousand instructions each."""
+
+    def train(self, mode=True):
+        try:
+            stack = _local.stack
+        except AttributeError:
+            stack = _local.stack = []
+        stack.append((self, mode))
+        try:
+            return original(self, mode)
+        finally:
+            stack.pop()
+            if not stack:
+                _local.site = None
+
+    return _mark(train, original)
 
 
 def _override_site(value: bool):
@@ -145,7 +153,7 @@ def _override_site(value: bool):
                 # An override that only passes its arguments on (`def train(self, *args)`,
                 # `def train(self, on=True)`) reaches this change through nn.Module.train
                 # on itself with this very mode: that is the user's own eval()/train().
-                if any(inst is owner and m == value for inst, m in getattr(_local, "stack", ())):
+                if any(inst is owner and bool(m) == value for inst, m in getattr(_local, "stack", ())):
                     return None
                 caller = f.f_back
                 while caller is not None and _is_internal(caller.f_code):
@@ -199,23 +207,40 @@ def _note_training(module: nn.Module, value) -> None:
         _sites[module] = _user_sites[module] = ModeSite(value, "assignment", user_location(1))
 
 
-def _setattr_wrapper(wrapped, instance, args, kwargs):
-    if args and args[0] == "_compiled_call_impl" and instance is not None:
-        out = wrapped(*args, **kwargs)
-        _compiled_in_place(instance)  # model.compile()
-        return out
-    if args and args[0] == "training" and instance is not None:
-        old = instance.__dict__.get("training")
-        # `old is None` is construction (Module.__init__): not a mode change.
-        if old is not None and old != args[1]:
-            try:
-                _note_training(instance, args[1])
-            except Exception:
-                # Never break the user's eval()/train() over bookkeeping. (A module class
-                # with __eq__ and no __hash__ cannot key the weak site table: its mode
-                # change still counts, the epoch moved first, but its site is lost.)
-                pass
-    return wrapped(*args, **kwargs)
+def _patched_setattr(original):
+    """``nn.Module.__setattr__`` that notes real changes of ``training``. Every attribute
+    assignment on every module comes through here (Lightning assigns on the
+    LightningModule around each hook call), so anything but ``training`` and
+    ``_compiled_call_impl`` goes straight on: one comparison, no wrapt binding."""
+
+    def __setattr__(self, name, value):
+        if name == "training":
+            old = self.__dict__.get("training")
+            # `old is None` is construction (Module.__init__): not a mode change.
+            if old is not None and old != value:
+                try:
+                    _note_training(self, value)
+                except Exception:
+                    # Never break the user's eval()/train() over bookkeeping. (A module
+                    # class with __eq__ and no __hash__ cannot key the weak site table:
+                    # its mode change still counts, the epoch moved first, but its site
+                    # is lost.)
+                    pass
+        elif name == "_compiled_call_impl":
+            original(self, name, value)
+            _compiled_in_place(self)  # model.compile()
+            return
+        original(self, name, value)
+
+    return _mark(__setattr__, original)
+
+
+def _mark(replacement, original):
+    # Named and documented as the original, reachable through ``__wrapped__`` (as
+    # inspect and functools expect), and recognisable as modeguard's (``is_patched``).
+    functools.update_wrapper(replacement, original)
+    replacement.__modeguard_patch__ = True
+    return replacement
 
 
 def _on_structure_change(*_args):
@@ -252,12 +277,10 @@ def _compiled_in_place(module):
 
 
 def _install(patches: Patches) -> None:
-    for name, wrapper in (
-        ("train", _train_wrapper),
-        ("__setattr__", _setattr_wrapper),
-        ("__getstate__", pickling.getstate_wrapper),
-    ):
-        patches.replace(nn.Module, name, wrapt.FunctionWrapper(nn.Module.__dict__[name], wrapper))
+    patches.replace(nn.Module, "train", _patched_train(nn.Module.__dict__["train"]))
+    patches.replace(nn.Module, "__setattr__", _patched_setattr(nn.Module.__dict__["__setattr__"]))
+    patches.replace(nn.Module, "__getstate__",
+                    wrapt.FunctionWrapper(nn.Module.__dict__["__getstate__"], pickling.getstate_wrapper))
     if "__reduce_ex__" not in nn.Module.__dict__:
         patches.replace(nn.Module, "__reduce_ex__", pickling.module_reduce_ex)
     reg = nn.modules.module
@@ -275,4 +298,4 @@ PATCHES = SharedPatches(_install)
 
 def is_patched() -> bool:
     """True while modeguard's patches are on nn.Module (for tests and diagnostics)."""
-    return isinstance(nn.Module.__dict__["train"], wrapt.FunctionWrapper)
+    return getattr(nn.Module.__dict__["train"], "__modeguard_patch__", False)
