@@ -83,7 +83,10 @@ def test_rank0_only_validation_reports_mg101_on_rank0_and_mg501_on_both(ranks):
             in mg501["headline"])
     assert "rank 1: module.bn, module.drop in train (never switched)" in mg501["headline"]
     assert mg501["mode_set_at"]["location"]["line"] == eval_line
-    assert mg501["count"] == 2  # the looks at steps 16 and 32 both saw it
+    # The look at step 16 saw it; the one at step 32, the scenario's last, sees it only if
+    # the other rank has written that step by then (nothing waits for it: no later step
+    # is left to look again).
+    assert mg501["count"] in (1, 2)
     (other,) = one["violations"]
     assert other["model"] == "DistributedDataParallel (rank 1)"
     assert other["modules"] == ["module.bn", "module.drop"]
