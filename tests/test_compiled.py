@@ -100,10 +100,12 @@ ORDERS = ["watch, then torch.compile", "torch.compile, then watch", "torch.compi
 def unwatched_graphs():
     """(graphs, graph breaks) of the unwatched program, by (fullgraph, bug)."""
     return {(fg, bug): compiled_run("torch.compile", fg, bug=bug, watched=False)[1:3]
-            for fg in (False, True) for bug in (False, True)}
+            for fg, bug in ((True, False), (False, True))}
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
+# Correct code with fullgraph=True (any graph break would fail it), the bug without it:
+# each order both ways would compile twice as much for no more coverage of modeguard.
+@pytest.mark.parametrize("fullgraph", [True])
 @pytest.mark.parametrize("order", ORDERS)
 def test_correct_code_compiles_the_same_graphs_and_stays_quiet(order, fullgraph, unwatched_graphs):
     found, graphs, breaks, _, _ = compiled_run(order, fullgraph, bug=False)
@@ -112,7 +114,7 @@ def test_correct_code_compiles_the_same_graphs_and_stays_quiet(order, fullgraph,
     assert breaks == 0
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("fullgraph", [False])
 @pytest.mark.parametrize("order", ORDERS)
 def test_training_in_eval_is_found_as_in_eager_mode(order, fullgraph, unwatched_graphs):
     found, graphs, breaks, _, _ = compiled_run(order, fullgraph, bug=True)
