@@ -132,9 +132,8 @@ class AutoSession:
         try:
             if not guard.active:
                 entry = _SKIP
-            elif _compiled.optimized_module(module) is not None:
+            elif (inner := _compiled.optimized_module(module)) is not None:
                 # torch.compile(model): its calls are the model's, seen from outside.
-                inner = _compiled.optimized_module(module)
                 entry = self._known.get(id(inner)) or self._discover(inner)
                 if isinstance(entry, _Root):
                     _compiled.go_outside(guard, entry.st)

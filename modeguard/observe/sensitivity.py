@@ -103,13 +103,19 @@ def _forward_reads_training(cls: type) -> bool:
     return hit
 
 
-def _dropout_attrs_all_zero(module: nn.Module) -> bool:
-    """A custom module with dropout-like float attributes that are all 0 has nothing
-    random to switch off (Hugging Face configs with dropout 0.0)."""
-    values = [
+def _dropout_attrs(module: nn.Module) -> list:
+    """The values of a custom module's dropout-like float attributes (``self.dropout``,
+    ``self.p``, ``attention_dropout``...)."""
+    return [
         v for k, v in vars(module).items()
         if isinstance(v, float) and ("dropout" in k.lower() or k in ("p", "drop_prob", "drop_rate"))
     ]
+
+
+def _dropout_attrs_all_zero(module: nn.Module) -> bool:
+    """A custom module with dropout-like float attributes that are all 0 has nothing
+    random to switch off (Hugging Face configs with dropout 0.0)."""
+    values = _dropout_attrs(module)
     return bool(values) and all(v == 0.0 for v in values)
 
 
@@ -147,10 +153,7 @@ def is_stochastic(module: nn.Module, kind: Optional[str]) -> bool:
     if kind == "dropout":
         return True
     if kind in ("custom", "registered"):
-        return any(
-            isinstance(v, float) and v > 0.0 and ("dropout" in k.lower() or k in ("p", "drop_prob", "drop_rate"))
-            for k, v in vars(module).items()
-        )
+        return any(v > 0.0 for v in _dropout_attrs(module))
     return False
 
 
