@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-test bench bench-instructions bench-instructions-frameworks install clean
+.PHONY: demo test bench-test bench bench-instructions bench-instructions-frameworks bench-frameworks install clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -37,9 +37,14 @@ bench-instructions: $(STAMP)
 	$(PY) -m benchmarks.instructions --json benchmarks/results/instructions.json --markdown benchmarks/results/instructions.md
 
 # The training step inside Lightning and the Hugging Face Trainer, counted the same way
-# (needs valgrind; about half an hour on 2 cores: the frameworks' imports run under valgrind too).
+# (needs valgrind; about 25 minutes on 2 cores: the frameworks' imports run under valgrind too).
 bench-instructions-frameworks: $(STAMP)
-	$(PY) -m benchmarks.instructions --only lightning,hf --steps 6 --seeds 1 --json benchmarks/results/instructions-frameworks.json --markdown benchmarks/results/instructions-frameworks.md
+	$(PY) -m benchmarks.instructions --only lightning,hf --steps 32 --seeds 3 --json benchmarks/results/instructions-frameworks.json --markdown benchmarks/results/instructions-frameworks.md
+
+# Their step time (each setup in fresh processes, five rounds) and function calls per step
+# (about 10 minutes on 2 cores; run it on a quiet machine).
+bench-frameworks: $(STAMP)
+	$(PY) -m benchmarks.frameworks --json benchmarks/results/frameworks.json --markdown benchmarks/results/frameworks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

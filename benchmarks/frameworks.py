@@ -249,3 +249,168 @@ def markdown(rows: list) -> str:
                      + " | ".join(f"{own[k]:+,.0f} ({frac[k]:.2%})" if k in own else "n/a" for k in ("watch", "auto"))
                      + f" | {'yes' if r['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- time and function calls per step: python -m benchmarks.frameworks ----------------------
+
+class Timer:
+    """A monitor for ``Window``: the window's wall time, and with ``calls`` the Python and
+    C function calls made in it (``sys.setprofile``; a separate run, since profiling slows
+    every call)."""
+
+    def __init__(self, calls: bool = False):
+        self.calls = calls
+        self.n = 0
+        self.started = self.seconds = None
+
+    def _count(self, frame, event, arg):
+        if event == "call" or event == "c_call":
+            self.n += 1
+
+    def __call__(self, *cmd):
+        import sys
+        import time
+
+        if cmd[0] == "zero":
+            if self.calls:
+                sys.setprofile(self._count)
+            self.started = time.perf_counter()
+        elif cmd[0] == "dump":
+            self.seconds = time.perf_counter() - self.started
+            if self.calls:
+                sys.setprofile(None)
+
+
+def _timed_child(name: str, key: str, steps: int, what: str, result_path: str) -> None:
+    import json
+
+    timer = Timer(calls=what == "calls")
+    info = run(name, key, steps, timer)
+    with open(result_path, "w") as f:
+        json.dump({**info, "us_per_step": timer.seconds / steps * 1e6, "calls_per_step": timer.n / steps}, f)
+
+
+def _measure_timed(name: str, key: str, steps: int, what: str, workdir: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    path = os.path.join(workdir, f"{name}.{key}.{what}.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.frameworks", "--child", name, key, str(steps), what, path],
+                          cwd=root, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"))
+    if proc.returncode != 0 or not os.path.exists(path):
+        raise RuntimeError(f"{name}/{key}: the measured process failed:\n{proc.stderr[-3000:]}")
+    with open(path) as f:
+        return json.load(f)
+
+
+#: Steps in the timed window: each a whole step of the framework's loop.
+TIMED_STEPS = {"lightning": 300, "hf": 60}
+
+
+def timed(names, rounds: int, log=print) -> list:
+    """Per workload: microseconds per step of each setup, each round a fresh process per
+    setup (in an order rotated from round to round, so no setup always runs first), and
+    the function calls per step from one profiled run per setup; see ``timed_row``."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="modeguard-frameworks-") as tmp:
+        for name in names:
+            steps = TIMED_STEPS[name]
+            calls = {k: _measure_timed(name, k, 32, "calls", tmp) for k in ORDER}
+            us = {k: [] for k in ORDER}
+            found = {k: 0 for k in ORDER}
+            for r in range(rounds):
+                for k in ORDER[r % len(ORDER):] + ORDER[:r % len(ORDER)]:
+                    m = _measure_timed(name, k, steps, "time", tmp)
+                    us[k].append(m["us_per_step"])
+                    found[k] += m["findings"] + calls[k]["findings"] * (r == 0)
+                log(f"  {name}, round {r + 1}/{rounds}: " + ", ".join(f"{k} {us[k][-1]:,.0f} us" for k in ORDER))
+            rows.append(timed_row(name, steps, us, {k: c["calls_per_step"] for k, c in calls.items()}, found,
+                                  calls["baseline"]["n_modules"]))
+    return rows
+
+
+def timed_row(name: str, steps: int, us: dict, calls: dict, found: dict, n_modules: int) -> dict:
+    """``us``: setup -> microseconds per step, one per round. Ratios against the same
+    round's baseline (and ``own_watch``: ``watch`` against the same round's empty
+    callback, modeguard's own), median and range over the rounds; added calls against
+    the baseline's."""
+    import statistics
+
+    ratio = {k: [a / b for a, b in zip(us[k], us["baseline"])] for k in us if k != "baseline"}
+    if "watch" in us and "callback" in us:
+        ratio["own_watch"] = [a / b for a, b in zip(us["watch"], us["callback"])]
+    return {
+        "workload": name, "n_modules": n_modules, "steps": steps, "rounds": len(us["baseline"]),
+        "us_per_step": {k: statistics.median(v) for k, v in us.items()}, "us_all": us,
+        "ratio": {k: statistics.median(v) for k, v in ratio.items()},
+        "ratio_range": {k: [min(v), max(v)] for k, v in ratio.items()},
+        "calls_per_step": calls, "added_calls": {k: c - calls["baseline"] for k, c in calls.items()},
+        "findings": found,
+    }
+
+
+def timed_markdown(rows: list, meta: dict) -> str:
+    lines = ["# modeguard inside the frameworks: step time and function calls", "",
+             f"- {meta['date']}; {meta['cpu']}, {meta['cpu_count']} cores; torch {meta['torch']}, Python "
+             f"{meta['python']}, commit {meta['modeguard_commit']}; one torch thread",
+             "- each setup in a fresh process per round, the setups' order rotated from round to round; "
+             "ratio = the setup's time per step over the same round's baseline (median, and range, over the rounds); "
+             "own = ModeGuardCallback over the empty callback (any callback costs the framework's hook calls)",
+             "- function calls per step: Python and C calls counted with `sys.setprofile` in a separate run "
+             "(deterministic)", "",
+             "| workload | baseline µs/step | empty callback | ModeGuardCallback | own (watch / empty callback) | "
+             "modeguard run | added calls: empty callback | ModeGuardCallback | modeguard run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q, rg, c = r["ratio"], r["ratio_range"], r["added_calls"]
+
+        def cell(k):
+            return f"{q[k]:.3f} ({rg[k][0]:.3f} to {rg[k][1]:.3f})"
+
+        lines.append(f"| {r['workload']}: {MODELS[r['workload']]} ({r['n_modules']} modules), {r['rounds']} rounds of "
+                     f"{r['steps']} steps | {r['us_per_step']['baseline']:,.0f} | {cell('callback')} | {cell('watch')} | "
+                     f"{cell('own_watch')} | {cell('auto')} | {c['callback']:+.1f} | {c['watch']:+.1f} | {c['auto']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        _timed_child(argv[1], argv[2], int(argv[3]), argv[4], argv[5])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m benchmarks.frameworks",
+                                description="Step time and function calls per step inside Lightning and the HF Trainer.")
+    p.add_argument("--only", metavar="NAMES", default=",".join(NAMES), help="comma-separated, of lightning,hf")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of every setup (default 5)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--markdown", metavar="PATH")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    for n in names:
+        if n not in NAMES:
+            p.error(f"--only: unknown framework workload {n!r}; expected some of {', '.join(NAMES)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    from .__main__ import machine_info
+
+    meta = machine_info(threads=1)
+    rows = timed(names, args.rounds, log=lambda *a: print(*a, flush=True))
+    text = timed_markdown(rows, meta)
+    print()
+    print(text)
+    for path, content in ((args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"), (args.markdown, text)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(content)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,7 +38,7 @@ from . import _compiled
 from ._exceptions import ModeGuardWarning
 from ._frames import user_frame
 from ._guard import Guard, guard_of
-from ._hotpath import _compiling, before_step, make_post_hook, make_pre_hook
+from ._hotpath import _flags, _tracing, before_step, make_post_hook, make_pre_hook
 from ._patches import Patches
 from .observe.modes import MODE_EPOCH, STRUCTURE_EPOCH
 from .observe.snapshot import ModeSnapshot
@@ -97,7 +97,7 @@ class AutoSession:
             direct = inline and self._compiled_call_impl is None
             if depth[0]:
                 return self._call_impl(*args, **kwargs) if direct else orig(self, *args, **kwargs)
-            if _compiling():
+            if _tracing() or _flags._is_compiling_flag:
                 # Dynamo is tracing a compiled function that calls the model: a constant
                 # here, so the graph holds torch's own __call__ and no guard on our state.
                 return orig(self, *args, **kwargs)
@@ -198,7 +198,7 @@ class AutoSession:
 
     def _step_pre(self, optimizer, args, kwargs):
         guard = self.guard
-        if _compiling():
+        if _tracing() or _flags._is_compiling_flag:
             return None  # a compiled function that steps: dynamo traces this hook
         if guard._active:  # the attribute, not the property: this runs on every step
             ost = guard._opts.get(id(optimizer))

@@ -13,8 +13,8 @@ inside it, and its forwards are seen from outside, where the compiled code is ca
 
 Either is noticed whichever comes first: ``watch()`` of a compiled model (or of a model
 whose ``torch.compile`` wrapper exists), or compiling a watched one (the ``_orig_mod``
-registration and the ``_compiled_call_impl`` assignment go through ``observe/modes.py``). What cannot be seen from outside is what happens inside a
-compiled forward: the inputs of a Dropout in eval (MG101 then judges it by whether it sits
+registration and ``nn.Module.compile`` go through ``observe/modes.py``). What cannot be
+seen from outside is what happens inside a compiled forward: the inputs of a Dropout in eval (MG101 then judges it by whether it sits
 in a frozen part, see ``rules/step_in_eval.py``) and MG202's torch calls.
 """
 
@@ -142,7 +142,7 @@ def on_wrapped(wrapper: nn.Module, model: nn.Module) -> None:
 
 
 def on_compiled_in_place(model: nn.Module) -> None:
-    """``model.compile()`` of a watched model (its ``_compiled_call_impl`` was set)."""
+    """``model.compile()`` of a watched model has set its ``_compiled_call_impl``."""
     guard, st = _watched(model)
     if st is not None and model.__dict__.get("_compiled_call_impl") is not None:
         go_outside(guard, st)  # (modeguard's own wrapper is set without __setattr__)

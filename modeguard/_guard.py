@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import _compiled
 from ._config import Config, Severity, resolve, split_frozen
 from ._exceptions import ModeGuardWarning
-from ._frames import Location, to_location, user_location
+from ._frames import Location, framework_caller, is_framework_code, to_location, user_location
 from ._hotpath import arm, drain_released, make_post_hook, make_step_pre_hook
 from ._markers import ALLOWED
 from ._state import OptimizerState, RootState
@@ -294,11 +294,14 @@ class Guard:
         st.polls_due = min(rule.on_poll(self, st, snapshot) for rule in self.poll_rules) if self.poll_rules else 1 << 30
 
     def emit(self, rule, severity, root, where, modules, mode_site, headline, allowed, *,
-             kinds: Optional[dict] = None) -> None:
+             kinds: Optional[dict] = None, forward_at=None) -> None:
         """Called by a rule that decided something is wrong. ``where`` is the user's line
         ((code, line) or a Location), or None for the innermost frame of the user's code
-        now (for a step run by ``trainer.fit()``, the ``fit()`` call). ``kinds`` maps
-        module names to their kind of mode-sensitivity."""
+        now. ``forward_at``, for a finding at a step: the (code, line) that called the
+        forward whose gradients the step applies; where a framework runs the step (Lightning
+        calls ``optimizer.step`` from inside ``trainer.fit()``) and that line is the user's
+        (their ``training_step``), it is the line reported, not the ``fit()`` call.
+        ``kinds`` maps module names to their kind of mode-sensitivity."""
         current = ALLOWED.get()
         if (allowed and rule.code in allowed) or (current and rule.code in current):
             return
@@ -309,6 +312,8 @@ class Guard:
             location = to_location(where)
         elif isinstance(where, Location):
             location = where
+        elif forward_at is not None and not is_framework_code(forward_at[0]) and framework_caller() is not None:
+            location = to_location(forward_at)
         else:
             location = user_location(2)
         # The modules that change behaviour themselves, not the containers above them.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 
 import torch
 
@@ -39,8 +40,18 @@ from .observe.pickling import mark
 #: A countdown that never runs out: no ordinary training forward is followed.
 _NEVER = 1 << 62
 
-#: Constant True while dynamo traces (it evaluates this call at trace time, with no guard).
-_compiling = torch.compiler.is_compiling
+#: Is dynamo tracing this code, or is torch compiling or exporting? The hot sites spell
+#: it out as ``_tracing() or _flags._is_compiling_flag``: ``torch.compiler.is_compiling()``
+#: is two Python calls (it asks ``torch.jit.is_scripting()`` first), about 1,000
+#: instructions at every hook call, against 420 for this test (callgrind).
+#: ``is_dynamo_compiling()`` is one call, which dynamo evaluates to a constant True at
+#: trace time, with no guard, so the flag after the ``or`` is never read (or guarded on)
+#: inside a traced graph; outside tracing the flag is what ``is_compiling()`` returns,
+#: True while torch compiles or exports.
+if hasattr(torch.compiler, "is_dynamo_compiling") and hasattr(torch.compiler, "_is_compiling_flag"):
+    _tracing, _flags = torch.compiler.is_dynamo_compiling, torch.compiler
+else:  # older torch: the public function alone
+    _tracing, _flags = torch.compiler.is_compiling, types.SimpleNamespace(_is_compiling_flag=False)
 
 
 def drain_released() -> None:
@@ -74,7 +85,7 @@ def make_pre_hook(st):
     catch up with mode changes, and probe the grad-enabled forwards that need it."""
 
     def modeguard_forward_pre_hook(module, args, kwargs):
-        if _compiling():
+        if _tracing() or _flags._is_compiling_flag:
             return None  # traced by dynamo: stay out of the graph (see make_post_hook)
         if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
             st.rescan(st.ref())
@@ -102,7 +113,7 @@ def make_post_hook(guard, st, caller_depth: int = 4):
     getframe = sys._getframe
 
     def modeguard_forward_hook(module, args, output):
-        if _compiling():
+        if _tracing() or _flags._is_compiling_flag:
             # Dynamo is tracing the model (compiled inside something larger): a constant
             # here, so nothing of modeguard's becomes part of the graph or of its guards.
             # A compiled model itself is watched from outside (``_compiled.py``).
@@ -127,7 +138,7 @@ def make_post_hook(guard, st, caller_depth: int = 4):
                 st.source = presumed
                 st.evidence += 1
             else:
-                follow(guard, st, snap, output, act)
+                follow(guard, st, snap, output, act, caller_depth + 1)
         else:
             for rule in nograd_rules:
                 rule.on_nograd_forward(guard, st, snap)
@@ -136,8 +147,9 @@ def make_post_hook(guard, st, caller_depth: int = 4):
     return modeguard_forward_hook
 
 
-def follow(guard, st, snap, output, act) -> None:
-    """Tie this forward to its backward, or learn that its graph was freed unused."""
+def follow(guard, st, snap, output, act, caller_depth: int) -> None:
+    """Tie this forward to its backward, or learn that its graph was freed unused.
+    ``caller_depth``: how far up the model's caller is from here."""
     probe = inputs.take(st) if st.probe_session is not None else inputs.UNSEEN if st.compiled else None
     nodes = output_grad_fns(output)
     if not nodes:
@@ -152,7 +164,10 @@ def follow(guard, st, snap, output, act) -> None:
     # The user's line is needed only if this forward may turn out to be evaluation:
     # eval mode, or no backward/step since the previous one.
     where = user_code_line(2) if (not snap.root_training or act == st.prev_forward_activity) else None
-    attach(ForwardRecord(st, snap, where, ALLOWED.get(), st.fwd_seq, probe), nodes, st.on_backward)
+    rec = ForwardRecord(st, snap, where, ALLOWED.get(), st.fwd_seq, probe)
+    f = sys._getframe(caller_depth)
+    rec.called_at = (f.f_code, f.f_lineno)  # the line that called the model (see called_at)
+    attach(rec, nodes, st.on_backward)
 
 
 # ---- optimizer steps --------------------------------------------------------------------
@@ -165,7 +180,7 @@ def make_step_pre_hook(guard, ost):
 def before_step(guard, ost, optimizer, args, kwargs):
     """A step pre-hook's call, ``(optimizer, args, kwargs)``, for ``ost``. Returns new
     ``(args, kwargs)`` for a step with a closure (see ``_check_after_closure``)."""
-    if _compiling():
+    if _tracing() or _flags._is_compiling_flag:
         return None  # a compiled function that steps: dynamo traces this hook
     # Torch hands step hooks the wrapped call's full args: (optimizer, closure?, ...).
     if kwargs or len(args) > 1:

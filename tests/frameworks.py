@@ -72,8 +72,8 @@ class LitMLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        out = self.head(self.drop(self.backbone(x))) if self.submodules else self(x)
-        loss = F.cross_entropy(out, y)  # FORWARD
+        out = self.head(self.drop(self.backbone(x))) if self.submodules else self(x)  # FORWARD
+        loss = F.cross_entropy(out, y)
         if self.automatic_optimization:
             return loss
         opt = self.optimizers()

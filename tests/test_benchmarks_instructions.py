@@ -211,3 +211,61 @@ def test_bad_framework_arguments_are_refused(argv, message, capsys):
         instructions.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---- the framework workloads' step time and calls (python -m benchmarks.frameworks) --------
+
+def test_framework_time_rows_compare_each_round_with_its_own_baseline():
+    from benchmarks import frameworks
+
+    us = {"baseline": [1000.0, 2000.0, 1000.0], "callback": [1100.0, 2200.0, 1050.0],
+          "watch": [1122.0, 2244.0, 1050.0], "auto": [1010.0, 2040.0, 1030.0]}
+    calls = {"baseline": 1959.0, "callback": 2067.0, "watch": 2140.0, "auto": 2036.0}
+    row = frameworks.timed_row("lightning", 300, us, calls, {k: 0 for k in us}, 7)
+    # the slow second round (the machine was busy for every setup alike) moves no ratio
+    assert row["ratio"]["auto"] == pytest.approx(1.02)
+    assert row["ratio_range"]["auto"] == pytest.approx([1.01, 1.03])
+    assert row["ratio"]["own_watch"] == pytest.approx(1.02)  # watch over the empty callback
+    assert row["added_calls"] == {"baseline": 0.0, "callback": 108.0, "watch": 181.0, "auto": 77.0}
+    assert row["us_per_step"]["baseline"] == 1000.0
+    text = frameworks.timed_markdown([row], {"date": "d", "cpu": "c", "cpu_count": 2, "torch": "t", "python": "3",
+                                             "modeguard_commit": "x"})
+    assert ("| lightning: LightningModule around an MLP (7 modules), 3 rounds of 300 steps | 1,000 | "
+            "1.100 (1.050 to 1.100) | 1.122 (1.050 to 1.122) | 1.020 (1.000 to 1.020) | 1.020 (1.010 to 1.030) | "
+            "+108.0 | +181.0 | +77.0 |") in text
+
+
+def test_framework_timer_counts_the_calls_of_the_window_only():
+    from benchmarks import frameworks
+
+    def work():
+        return [abs(-i) for i in range(3)]
+
+    def window(inside):
+        timer = frameworks.Timer(calls=True)
+        work()  # before the window: not counted
+        timer("instrumentation", "on")
+        timer("zero")
+        if inside:
+            work()
+        timer("dump")
+        work()  # after it: not counted either
+        assert timer.seconds > 0
+        return timer.n
+
+    # work() itself, its list comprehension and three abs() (a type's call, range(), is
+    # no call event); the rest is the monitor's own calls, the same in an empty window
+    assert window(True) - window(False) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "keras"], "unknown framework workload 'keras'"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+])
+def test_bad_framework_time_arguments_are_refused(argv, message, capsys):
+    from benchmarks import frameworks
+
+    with pytest.raises(SystemExit) as exc:
+        frameworks.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

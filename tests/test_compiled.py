@@ -240,3 +240,21 @@ def test_inductor_compiled_evaluation_in_train_mode_is_found():
         found = [(v.code, v.modules) for v in guard.violations]
     assert found == [("MG201", ["bn", "drop"])]
     assert outs[0].shape == (16, 3)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_of_a_watched_model_holds_nothing_of_modeguards(strict):
+    # torch.export traces the model's forward with its hooks: under dynamo (strict) and
+    # under torch's own tracing with the compiling flag set (non-strict), the hooks stay
+    # out, so the exported program is the unwatched model's, and the export is no forward.
+    model = Net().eval()
+    guard = modeguard.watch(model)
+    try:
+        exported = torch.export.export(model, (X,), strict=strict)
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert not any("modeguard" in t for t in targets)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(X), model(X))
+        assert list(guard.violations) == [] and guard.root_state(model).fwd_seq == 0
+    finally:
+        guard.unwatch()

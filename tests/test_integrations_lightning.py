@@ -156,7 +156,10 @@ def test_a_callback_that_leaves_the_encoder_in_eval_is_mg101():
     fit(LitMLP(), [cb, EncoderLeftInEval()], val_every=3)
     v = only(cb.report, "MG101")
     assert v.modules == ["backbone.1"] and v.count == 6  # every step, none lagging
-    assert (v.location.file, v.location.line) == (FRAMEWORKS_FILE, FIT_LINE)  # the user's fit() call
+    # The step runs inside Lightning; the forward whose gradients it applies was called
+    # from the user's training_step: that line, not the fit() call.
+    assert (v.location.file, v.location.line, v.location.function) == (
+        FRAMEWORKS_FILE, line_of(LitMLP.training_step, "# FORWARD"), "training_step")
     site = v.mode_set_at
     assert (site.location.file, site.location.line) == (__file__, line_of(EncoderLeftInEval, "# LEFT-IN-EVAL"))
     assert site.how == "Sequential.eval()" and site.framework is None
@@ -169,6 +172,9 @@ def test_a_training_step_that_calls_submodules_is_checked_too():
     fit(LitMLP(submodules=True), [cb, EncoderLeftInEval()], val_every=3)
     v = only(cb.report, "MG101")
     assert v.modules == ["backbone.1"] and v.count == 6
+    # No forward of the LightningModule ran: the innermost frame of the user's code at
+    # the step is the fit() call.
+    assert (v.location.file, v.location.line) == (FRAMEWORKS_FILE, FIT_LINE)
     site = v.mode_set_at
     assert (site.location.file, site.location.line) == (__file__, line_of(EncoderLeftInEval, "# LEFT-IN-EVAL"))
 
@@ -179,7 +185,7 @@ def test_a_correct_training_step_that_calls_submodules_is_silent():
     assert list(cb.report) == []
 
 
-def test_a_whole_model_left_in_eval_is_an_error_at_the_users_fit_call():
+def test_a_whole_model_left_in_eval_is_an_error_at_the_users_training_step():
     class Eval(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             pl_module.eval()
@@ -188,8 +194,8 @@ def test_a_whole_model_left_in_eval_is_an_error_at_the_users_fit_call():
     fit(LitMLP(), [cb, Eval()])
     v = only(cb.report, "MG101")
     assert v.count == 6 and v.severity is modeguard.Severity.ERROR
-    # The step runs inside Lightning: the innermost frame of the user's code is fit().
-    assert (v.location.file, v.location.line, v.location.function) == (FRAMEWORKS_FILE, FIT_LINE, "fit")
+    assert (v.location.file, v.location.line, v.location.function) == (
+        FRAMEWORKS_FILE, line_of(LitMLP.training_step, "# FORWARD"), "training_step")
     assert "site-packages" not in str(v)
 
 

@@ -223,7 +223,7 @@ def test_users_from_many_threads_install_once():
 
 
 def test_the_mode_patches_leave_a_later_patch_on_nn_module_and_restore_the_rest(epochs):
-    originals = {name: nn.Module.__dict__[name] for name in ("train", "__setattr__", "__getstate__")}
+    originals = {name: nn.Module.__dict__[name] for name in ("train", "__setattr__", "__getstate__", "compile")}
     modes.PATCHES.acquire()
     try:
         ours = nn.Module.__dict__["train"]
@@ -239,6 +239,7 @@ def test_the_mode_patches_leave_a_later_patch_on_nn_module_and_restore_the_rest(
         assert nn.Module.__dict__["train"] is theirs
         assert nn.Module.__dict__["__setattr__"] is originals["__setattr__"]
         assert nn.Module.__dict__["__getstate__"] is originals["__getstate__"]
+        assert nn.Module.__dict__["compile"] is originals["compile"]
         assert "__reduce_ex__" not in nn.Module.__dict__  # torch's class does not define it
     finally:
         nn.Module.train = originals["train"]

@@ -30,7 +30,7 @@ _MAX_NODES = 16
 class ForwardRecord:
     """What modeguard keeps about one grad-enabled forward of a watched model."""
 
-    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "probe", "used", "judged", "__weakref__")
+    __slots__ = ("root", "snapshot", "where", "allowed", "seq", "probe", "used", "judged", "called_at", "__weakref__")
 
     def __init__(self, root, snapshot, where, allowed, seq, probe=None):
         self.root = root          # RootState (holds the model only weakly)
@@ -41,6 +41,9 @@ class ForwardRecord:
         self.probe = probe        # observe.inputs readings of this forward, or None
         self.used = False         # a backward passed through its graph
         self.judged = False       # counted as unused while its graph was still alive
+        # (code, line) of the frame that called the model, whoever's it is (a framework's
+        # or the user's), or None: where a step run by a framework got its gradients.
+        self.called_at = None
 
 
 class PresumedForward:

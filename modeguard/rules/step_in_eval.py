@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._config import Severity
+from ..observe.graph import PresumedForward
 from ..observe.inputs import UNSEEN, in_frozen_part
 from ..report.names import leaves
 from ._base import NORM_KINDS, Rule
@@ -105,8 +106,16 @@ class StepInEval(Rule):
         guard.emit(
             self, severity=severity, root=st, where=None, modules=list(named), kinds=named,
             mode_site=root_site if not snap.root_training and root_site else offending[0].site,
-            headline=headline, allowed=rec.allowed,
+            headline=headline, allowed=rec.allowed, forward_at=_called_at(rec),
         )
+
+
+def _called_at(rec):
+    """The line that called the forward behind this step: recorded for a followed
+    forward (``ForwardRecord.called_at``) and for a presumed one (its code and line)."""
+    if isinstance(rec, PresumedForward):
+        return (rec.code, rec.line) if rec.code is not None else None
+    return getattr(rec, "called_at", None)
 
 
 def _named(snap, offending) -> dict:
