@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import _compiled
 from ._config import Config, Severity, resolve, split_frozen
 from ._exceptions import ModeGuardWarning
-from ._frames import Location, framework_caller, is_framework_code, to_location, user_location
+from ._frames import Location, framework_caller, is_framework_code, to_location, user_code_line, user_location
 from ._hotpath import arm, drain_released, make_post_hook, make_step_pre_hook
 from ._markers import ALLOWED
 from ._state import OptimizerState, RootState
@@ -300,7 +300,8 @@ class Guard:
         now. ``forward_at``, for a finding at a step: the (code, line) that called the
         forward whose gradients the step applies; where a framework runs the step (Lightning
         calls ``optimizer.step`` from inside ``trainer.fit()``) and that line is the user's
-        (their ``training_step``), it is the line reported, not the ``fit()`` call.
+        (their ``training_step``), it is the line reported, not the ``fit()`` call; a step the
+        user called through a framework's wrapper, from that same function, keeps its line.
         ``kinds`` maps module names to their kind of mode-sensitivity."""
         current = ALLOWED.get()
         if (allowed and rule.code in allowed) or (current and rule.code in current):
@@ -313,7 +314,10 @@ class Guard:
         elif isinstance(where, Location):
             location = where
         elif forward_at is not None and not is_framework_code(forward_at[0]) and framework_caller() is not None:
-            location = to_location(forward_at)
+            # A step through a framework's optimizer wrapper (accelerate's), called from
+            # the function that called the model, is the user's own step: its line.
+            here = user_code_line(2)
+            location = to_location(here if here is not None and here[0] is forward_at[0] else forward_at)
         else:
             location = user_location(2)
         # The modules that change behaviour themselves, not the containers above them.
