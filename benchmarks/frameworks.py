@@ -319,12 +319,12 @@ def timed(names, rounds: int, log=print) -> list:
             steps = TIMED_STEPS[name]
             calls = {k: _measure_timed(name, k, 32, "calls", tmp) for k in ORDER}
             us = {k: [] for k in ORDER}
-            found = {k: 0 for k in ORDER}
+            found = {k: c["findings"] for k, c in calls.items()}
             for r in range(rounds):
                 for k in ORDER[r % len(ORDER):] + ORDER[:r % len(ORDER)]:
                     m = _measure_timed(name, k, steps, "time", tmp)
                     us[k].append(m["us_per_step"])
-                    found[k] += m["findings"] + calls[k]["findings"] * (r == 0)
+                    found[k] += m["findings"]
                 log(f"  {name}, round {r + 1}/{rounds}: " + ", ".join(f"{k} {us[k][-1]:,.0f} us" for k in ORDER))
             rows.append(timed_row(name, steps, us, {k: c["calls_per_step"] for k, c in calls.items()}, found,
                                   calls["baseline"]["n_modules"]))
@@ -404,11 +404,9 @@ def main(argv=None) -> int:
     text = timed_markdown(rows, meta)
     print()
     print(text)
-    for path, content in ((args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"), (args.markdown, text)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(content)
+    from .report import write_outputs
+
+    write_outputs((args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"), (args.markdown, text))
     return 0
 
 

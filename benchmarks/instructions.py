@@ -382,11 +382,9 @@ def main(argv=None) -> int:
     text = markdown(result)
     print()
     print(text)
-    for path, content in ((args.json, json.dumps(result, indent=1) + "\n"), (args.markdown, text)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(content)
+    from .report import write_outputs
+
+    write_outputs((args.json, json.dumps(result, indent=1) + "\n"), (args.markdown, text))
     return 0
 
 

@@ -236,3 +236,15 @@ def markdown(result: dict) -> str:
     out += ["", "Findings during the timed loops (all loops are correct, so any finding is a false positive): "
             + (str(found) if found else "none"), ""]
     return "\n".join(out)
+
+
+def write_outputs(*outputs) -> None:
+    """``(path, text)`` pairs: each text written to its path (folders made), where a path
+    was given (``--json``, ``--markdown``)."""
+    import os
+
+    for path, content in outputs:
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(content)

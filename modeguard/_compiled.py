@@ -14,8 +14,9 @@ inside it, and its forwards are seen from outside, where the compiled code is ca
 Either is noticed whichever comes first: ``watch()`` of a compiled model (or of a model
 whose ``torch.compile`` wrapper exists), or compiling a watched one (the ``_orig_mod``
 registration and ``nn.Module.compile`` go through ``observe/modes.py``). What cannot be
-seen from outside is what happens inside a compiled forward: the inputs of a Dropout in eval (MG101 then judges it by whether it sits
-in a frozen part, see ``rules/step_in_eval.py``) and MG202's torch calls.
+seen from outside is what happens inside a compiled forward: the inputs of a Dropout in
+eval (MG101 then judges it by whether it sits in a frozen part, see
+``rules/step_in_eval.py``) and MG202's torch calls.
 """
 
 from __future__ import annotations

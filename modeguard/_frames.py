@@ -95,11 +95,6 @@ def _is_framework(code) -> bool:
     return hit
 
 
-def is_framework_code(code) -> bool:
-    """Is ``code`` modeguard's, torch's or an installed framework's (not the user's)?"""
-    return _is_framework(code)
-
-
 def _user_from(f):
     """The innermost frame of the user's code from ``f`` outwards; failing that, the
     first frame that is not internal (a program whose every frame is a framework's)."""

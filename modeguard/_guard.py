@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import _compiled
 from ._config import Config, Severity, resolve, split_frozen
 from ._exceptions import ModeGuardWarning
-from ._frames import Location, framework_caller, is_framework_code, to_location, user_code_line, user_location
+from ._frames import Location, _is_framework, framework_caller, to_location, user_code_line, user_location
 from ._hotpath import arm, drain_released, make_post_hook, make_step_pre_hook
 from ._markers import ALLOWED
 from ._state import OptimizerState, RootState
@@ -313,7 +313,7 @@ class Guard:
             location = to_location(where)
         elif isinstance(where, Location):
             location = where
-        elif forward_at is not None and not is_framework_code(forward_at[0]) and framework_caller() is not None:
+        elif forward_at is not None and not _is_framework(forward_at[0]) and framework_caller() is not None:
             # A step through a framework's optimizer wrapper (accelerate's), called from
             # the function that called the model, is the user's own step: its line.
             here = user_code_line(2)
