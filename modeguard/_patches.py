@@ -2,7 +2,7 @@
 
 PyTorch has hooks for forwards, backwards, optimizer steps and module registration, and
 modeguard uses those first. Three things have no hook: a module's ``training`` flag
-changing (``nn.Module.__setattr__``/``train``), copies and pickles of a watched module
+changing (a setter for ``nn.Module.training``, and ``train``), copies and pickles of a watched module
 (``__getstate__``/``__reduce_ex__``), and, for automatic mode, a module being called
 (``nn.Module.__call__``; a global forward hook would push every submodule call onto
 torch's slower hook path). Each of these goes through a ``Patches`` object, which

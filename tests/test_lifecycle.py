@@ -475,6 +475,7 @@ def test_unwatch_leaves_no_hook_patch_or_reference():
     for name in ("train", "__setattr__", "__getstate__"):
         assert not isinstance(nn.Module.__dict__[name], wrapt.ObjectProxy), name
         assert not getattr(nn.Module.__dict__[name], "__modeguard_patch__", False), name
+    assert "training" not in nn.Module.__dict__  # the flag's setter is gone with the patches
     assert _all_hook_dicts_empty(model)
     assert _optimizer_hooks_empty(opt)
     assert guard_of(model) is None and guard.models == []

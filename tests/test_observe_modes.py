@@ -7,6 +7,7 @@ import inspect
 import weakref
 
 import pytest
+import torch
 import torch.nn as nn
 
 from modeguard._frames import Location
@@ -92,10 +93,15 @@ def test_is_patched_follows_acquire_and_release(epochs):
     try:
         assert modes.is_patched()
         assert nn.Module.__dict__["train"] is not train
+        assert isinstance(nn.Module.__dict__["training"], modes.TrainingFlag)
+        assert isinstance(torch.jit.RecursiveScriptModule.__dict__["training"], modes.DictTraining)
     finally:
         modes.PATCHES.release()
     assert not modes.is_patched()
     assert nn.Module.__dict__["train"] is train
+    # torch's classes define no `training` of their own (an annotation only): gone again
+    assert "training" not in nn.Module.__dict__ and "training" not in torch.jit.RecursiveScriptModule.__dict__
+    assert "training" not in torch.jit._trace.TracedModule.__dict__
 
 
 def test_eval_records_one_site_for_every_module_it_changed(mode_patches):
@@ -147,6 +153,50 @@ def test_direct_assignment_is_recorded_as_an_assignment(mode_patches):
     assert (site.training, site.how, site.by) == (False, "assignment", None)
     assert site.location == Location(__file__, line, "test_direct_assignment_is_recorded_as_an_assignment")
     assert modes.last_set(model.bn) is None
+
+
+def test_an_assignment_through_object_setattr_is_recorded_too(mode_patches):
+    # A module class with its own __setattr__ that stores through object.__setattr__
+    # (skipping nn.Module's) still changes the flag through modeguard's setter.
+    model = MLP()
+    line = here() + 1
+    object.__setattr__(model.bn, "training", False)
+    site = modes.last_set(model.bn)
+    assert (site.training, site.how, site.location.line) == (False, "assignment", line)
+    assert model.bn.training is False and model.bn.__dict__["training"] is False
+
+
+def test_the_flag_stays_a_plain_instance_attribute_while_patched(mode_patches):
+    # Reads, copies and pickles see what they see without modeguard: the value lives in
+    # the instance's __dict__, and nothing but the flag's own name reaches modeguard.
+    model = MLP()
+    model.eval()
+    assert model.__dict__["training"] is False and model.training is False
+    assert "training" in vars(model) and isinstance(nn.Module.__dict__["training"], modes.TrainingFlag)
+    built = nn.Linear(2, 2)  # construction is no mode change
+    assert built.training is True and modes.last_set(built) is None
+    del model.drop.training
+    assert "training" not in model.drop.__dict__
+    with pytest.raises(AttributeError):
+        del model.drop.training
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own, on 2.13
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_torchscript_modules_read_their_flag_as_without_modeguard(mode_patches, make):
+    # TorchScript's module classes delete the Python attribute and serve `training` from
+    # the C++ module through __getattr__: a read must still get there.
+    def build():
+        net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        return torch.jit.script(net) if make == "script" else torch.jit.trace(net.eval(), torch.randn(2, 4))
+
+    scripted = build()
+    assert "training" not in scripted.__dict__
+    assert scripted.training is (make == "script")
+    scripted.eval()
+    assert scripted.training is False
+    scripted.train()
+    assert scripted.training is True
 
 
 def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_override(mode_patches):

@@ -241,5 +241,6 @@ def test_the_mode_patches_leave_a_later_patch_on_nn_module_and_restore_the_rest(
         assert nn.Module.__dict__["__getstate__"] is originals["__getstate__"]
         assert nn.Module.__dict__["compile"] is originals["compile"]
         assert "__reduce_ex__" not in nn.Module.__dict__  # torch's class does not define it
+        assert "training" not in nn.Module.__dict__  # nor this: an annotation only
     finally:
         nn.Module.train = originals["train"]

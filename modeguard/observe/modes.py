@@ -1,15 +1,16 @@
 """Where and when modes change.
 
 The hot path must know in O(1) whether any module's mode changed since it last looked.
-Every mode change goes through ``nn.Module.__setattr__("training", ...)`` (``train()``,
-``eval()`` and direct assignment alike), so a restorable patch there bumps ``MODE_EPOCH``
-and records the user's line. A second patch on ``nn.Module.train`` remembers the outermost
-call, so one ``model.eval()`` over a thousand modules costs one stack walk, and recognises
-a model's own ``train()`` override that puts children back in eval (mmdetection's
-``norm_eval``): those are intentional. Torch has no hook for either; module and
-parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH`` (a
-parameter assigned again under the same name does not: FSDP2 does that at every forward). The same
-install adds pickling's hook stripping (``pickling.py``). All of it goes through
+Every mode change stores the ``training`` flag (``train()``, ``eval()`` and direct
+assignment alike), so a restorable setter for that one name, ``TrainingFlag`` on
+``nn.Module``, bumps ``MODE_EPOCH`` and records the user's line, while assignments of
+every other attribute run none of modeguard's code. A patch on ``nn.Module.train``
+remembers the outermost call, so one ``model.eval()`` over a thousand modules costs one
+stack walk, and recognises a model's own ``train()`` override that puts children back in
+eval (mmdetection's ``norm_eval``): those are intentional. Torch has no hook for either;
+module and parameter registration do have global hooks, which bump ``STRUCTURE_EPOCH`` (a
+parameter assigned again under the same name does not: FSDP2 does that at every forward).
+The same install adds pickling's hook stripping (``pickling.py``). All of it goes through
 ``_patches.SharedPatches``: installed with the first active guard, removed with the last.
 """
 
@@ -207,30 +208,62 @@ def _note_training(module: nn.Module, value) -> None:
         _sites[module] = _user_sites[module] = ModeSite(value, "assignment", user_location(1))
 
 
-def _patched_setattr(original):
-    """``nn.Module.__setattr__`` that notes real changes of ``training``. Every attribute
-    assignment on every module comes through here (Lightning assigns on the
-    LightningModule around each hook call, about 44 times a step), so anything but
-    ``training`` goes straight on after one comparison: no wrapt binding, and no second
-    name test (``model.compile()`` is seen by ``_patched_compile`` instead; a second
-    comparison here cost about 170 instructions per assignment, counted with callgrind)."""
+class TrainingFlag:
+    """``nn.Module.training`` while modeguard is installed: a data descriptor with a
+    setter and no getter, which sees every change of the flag at no cost to anything else.
 
-    def __setattr__(self, name, value):
-        if name == "training":
-            old = self.__dict__.get("training")
-            # `old is None` is construction (Module.__init__): not a mode change.
-            if old is not None and old != value:
-                try:
-                    _note_training(self, value)
-                except Exception:
-                    # Never break the user's eval()/train() over bookkeeping. (A module
-                    # class with __eq__ and no __hash__ cannot key the weak site table:
-                    # its mode change still counts, the epoch moved first, but its site
-                    # is lost.)
-                    pass
-        original(self, name, value)
+    Every attribute assignment on every module goes through ``nn.Module.__setattr__``
+    (Lightning assigns on the LightningModule around each hook call, about 44 times a
+    step), so wrapping that method cost each of them a Python call (about 690
+    instructions, counted with callgrind). The descriptor is looked up only for the name
+    ``training``: torch's own ``__setattr__`` stores a plain value with
+    ``object.__setattr__``, which hands it to ``__set__`` here; so does a module's
+    ``__init__`` (``super().__setattr__("training", True)``), and ``object.__setattr__``
+    called directly. With no ``__get__``, reading ``module.training`` finds the value in
+    the instance's ``__dict__`` exactly as before (attribute reads on modules are never
+    specialised by the interpreter: ``nn.Module`` defines ``__getattr__``), and the value
+    stays in ``__dict__``, where pickles, copies, TorchScript and dynamo look for it."""
 
-    return _mark(__setattr__, original)
+    __slots__ = ()
+
+    def __set__(self, module, value):
+        d = module.__dict__
+        old = d.get("training")
+        # `old is None` is construction (Module.__init__): not a mode change.
+        if old is not None and old != value:
+            try:
+                _note_training(module, value)
+            except Exception:
+                # Never break the user's eval()/train() over bookkeeping. (A module
+                # class with __eq__ and no __hash__ cannot key the weak site table:
+                # its mode change still counts, the epoch moved first, but its site
+                # is lost.)
+                pass
+        d["training"] = value
+
+    def __delete__(self, module):
+        try:
+            del module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+
+
+class DictTraining(TrainingFlag):
+    """For module classes that delete ``training`` from their instances and serve it from
+    ``__getattr__`` (TorchScript's ``RecursiveScriptModule`` and ``TracedModule``, whose
+    flag lives on the C++ module): with no getter, a read would find ``TrainingFlag``
+    itself on the class once the instance has none. This one reads the instance's own
+    value or says there is none, so ``__getattr__`` answers as without modeguard."""
+
+    __slots__ = ()
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        try:
+            return module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
 
 
 def _patched_compile(original):
@@ -286,9 +319,27 @@ def _compiled_in_place(module):
         pass
 
 
+def _classes_serving_training() -> list:
+    """TorchScript's module classes, which delete ``training`` (see ``DictTraining``)."""
+    found = []
+    try:
+        import torch.jit._script as script
+        import torch.jit._trace as trace
+    except Exception:  # a torch without them: nothing to shadow
+        return found
+    for owner, name in ((script, "RecursiveScriptModule"), (trace, "TracedModule")):
+        cls = getattr(owner, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and "training" not in cls.__dict__:
+            found.append(cls)
+    return found
+
+
 def _install(patches: Patches) -> None:
     patches.replace(nn.Module, "train", _patched_train(nn.Module.__dict__["train"]))
-    patches.replace(nn.Module, "__setattr__", _patched_setattr(nn.Module.__dict__["__setattr__"]))
+    if "training" not in nn.Module.__dict__:  # an annotation only, in every torch
+        patches.replace(nn.Module, "training", TrainingFlag())
+        for cls in _classes_serving_training():
+            patches.replace(cls, "training", DictTraining())
     if "compile" in nn.Module.__dict__:  # torch >= 2.2
         patches.replace(nn.Module, "compile", _patched_compile(nn.Module.__dict__["compile"]))
     patches.replace(nn.Module, "__getstate__",
