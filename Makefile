@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-test bench bench-instructions bench-instructions-frameworks bench-frameworks install clean
+.PHONY: demo test bench-test bench bench-instructions bench-instructions-mlp bench-instructions-frameworks bench-frameworks install clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -32,12 +32,14 @@ bench-test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
-# Deterministic companion to `make bench` for the MLP (needs valgrind; about 10 minutes on 2 cores).
-bench-instructions: $(STAMP)
+# Deterministic companion to `make bench`: the MLP's setups (about 10 minutes on 2 cores),
+# then the training step inside Lightning and the Hugging Face Trainer (about 25 minutes
+# more: the frameworks' imports run under valgrind too). Needs valgrind.
+bench-instructions: bench-instructions-mlp bench-instructions-frameworks
+
+bench-instructions-mlp: $(STAMP)
 	$(PY) -m benchmarks.instructions --json benchmarks/results/instructions.json --markdown benchmarks/results/instructions.md
 
-# The training step inside Lightning and the Hugging Face Trainer, counted the same way
-# (needs valgrind; about 25 minutes on 2 cores: the frameworks' imports run under valgrind too).
 bench-instructions-frameworks: $(STAMP)
 	$(PY) -m benchmarks.instructions --only lightning,hf --steps 32 --seeds 3 --json benchmarks/results/instructions-frameworks.json --markdown benchmarks/results/instructions-frameworks.md
 

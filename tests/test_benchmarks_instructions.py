@@ -106,15 +106,23 @@ def test_without_valgrind_it_says_what_is_missing(monkeypatch, capsys):
     assert "needs valgrind and vgdb on PATH" in err and "nothing was measured" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--only", "resnet50"], "unknown workload 'resnet50'"),
-    (["--setups", "watch,naive"], "--setups must include baseline"),
-    (["--setups", "baseline,nosuch"], "'nosuch' is not a usable setup"),
-    (["--steps", "0"], "must be at least 1"),
+@pytest.mark.parametrize("cli, argv, message", [
+    ("instructions", ["--only", "resnet50"], "unknown workload 'resnet50'"),
+    ("instructions", ["--setups", "watch,naive"], "--setups must include baseline"),
+    ("instructions", ["--setups", "baseline,nosuch"], "'nosuch' is not a usable setup"),
+    ("instructions", ["--steps", "0"], "must be at least 1"),
+    ("instructions", ["--only", "lightning", "--framework-setups", "baseline,naive"],
+     "'naive' is not a framework setup"),
+    ("instructions", ["--only", "hf", "--framework-setups", "watch"], "must include baseline"),
+    ("frameworks", ["--only", "keras"], "unknown framework workload 'keras'"),
+    ("frameworks", ["--rounds", "0"], "--rounds must be at least 1"),
 ])
-def test_bad_arguments_are_refused_with_what_was_expected(argv, message, capsys):
+def test_bad_arguments_are_refused_with_what_was_expected(cli, argv, message, capsys):
+    from benchmarks import frameworks
+
+    main = {"instructions": instructions.main, "frameworks": frameworks.main}[cli]
     with pytest.raises(SystemExit) as exc:
-        instructions.main(argv)
+        main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -202,17 +210,6 @@ def modeguard_patched():
     return modes.is_patched()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--only", "lightning", "--framework-setups", "baseline,naive"], "'naive' is not a framework setup"),
-    (["--only", "hf", "--framework-setups", "watch"], "must include baseline"),
-])
-def test_bad_framework_arguments_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        instructions.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 # ---- the framework workloads' step time and calls (python -m benchmarks.frameworks) --------
 
 def test_framework_time_rows_compare_each_round_with_its_own_baseline():
@@ -256,16 +253,3 @@ def test_framework_timer_counts_the_calls_of_the_window_only():
     # work() itself, its list comprehension and three abs() (a type's call, range(), is
     # no call event); the rest is the monitor's own calls, the same in an empty window
     assert window(True) - window(False) == 5
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--only", "keras"], "unknown framework workload 'keras'"),
-    (["--rounds", "0"], "--rounds must be at least 1"),
-])
-def test_bad_framework_time_arguments_are_refused(argv, message, capsys):
-    from benchmarks import frameworks
-
-    with pytest.raises(SystemExit) as exc:
-        frameworks.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
