@@ -255,7 +255,8 @@ def _unseen_forward(st) -> None:
     if MODE_EPOCH[0] != st.epoch or STRUCTURE_EPOCH[0] != st.struct_epoch:
         st.rescan(m)
     st.fwd_seq += 1
-    st.source = ForwardRecord(st, st.snapshot, None, ALLOWED.get(), st.fwd_seq, inputs.UNSEEN)
+    st.source = rec = ForwardRecord(st, st.snapshot, None, ALLOWED.get(), st.fwd_seq, inputs.UNSEEN)
+    rec.called_at = st.called_from
     st.evidence += 1
 
 

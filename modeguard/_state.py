@@ -27,7 +27,8 @@ class RootState:
         "guard", "ref", "name", "epoch", "struct_epoch", "snapshot", "param_ids", "has_trainable", "grad_marks",
         "prev_forward_activity", "fwd_seq", "evidence", "presumed", "source", "trained",
         "countdown", "grads_persist", "polls_due", "rule_state", "sample_due", "eval_snapshots", "call_watch",
-        "handles", "probing", "probe_session", "compiled", "active", "hooked", "pre_handle", "__weakref__",
+        "handles", "probing", "probe_session", "compiled", "active", "hooked", "pre_handle", "called_from",
+        "__weakref__",
     )
 
     def __init__(self, guard, module: nn.Module, name: str):
@@ -71,6 +72,10 @@ class RootState:
         self.active = True
         self.hooked = False      # True when the model carries our hooks (watch(), not auto)
         self.pre_handle = None   # the one-shot pre-hook, while armed
+        # (code, line) of the user's function that calls the model's submodules rather
+        # than the model (a LightningModule's training_step, told by the Lightning
+        # callback): where a step's findings point when no forward of the model ran.
+        self.called_from = None
         self.rescan(module)
 
     def rescan(self, module: nn.Module) -> None:

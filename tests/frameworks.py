@@ -108,11 +108,8 @@ def lightning_trainer(callbacks=(), max_steps: int = 6, val_every: int = 0, **kw
 def fit(module, callbacks=(), val_every: int = 0, **kwargs):
     """``trainer.fit`` on the small data set; returns the trainer."""
     trainer = lightning_trainer(callbacks, val_every=val_every, **kwargs)
-    trainer.fit(module, loader(), loader(16, seed=1) if val_every else None)  # FIT
+    trainer.fit(module, loader(), loader(16, seed=1) if val_every else None)
     return trainer
-
-
-FIT_LINE = line_of(fit, "# FIT")
 
 
 # ---- transformers ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import modeguard
-from frameworks import FIT_LINE, FRAMEWORK_WARNINGS, LitMLP, fit, line_of, loader
+from frameworks import FRAMEWORK_WARNINGS, LitMLP, fit, line_of, loader
 from modeguard.integrations.lightning import ModeGuardCallback
 from modeguard.observe import modes
 
@@ -172,9 +172,10 @@ def test_a_training_step_that_calls_submodules_is_checked_too():
     fit(LitMLP(submodules=True), [cb, EncoderLeftInEval()], val_every=3)
     v = only(cb.report, "MG101")
     assert v.modules == ["backbone.1"] and v.count == 6
-    # No forward of the LightningModule ran: the innermost frame of the user's code at
-    # the step is the fit() call.
-    assert (v.location.file, v.location.line) == (FRAMEWORKS_FILE, FIT_LINE)
+    # No forward of the LightningModule ran, so no line called it: the finding names the
+    # user's training_step (its def line), not the fit() call.
+    assert (v.location.file, v.location.line, v.location.function) == (
+        FRAMEWORKS_FILE, LitMLP.training_step.__code__.co_firstlineno, "training_step")
     site = v.mode_set_at
     assert (site.location.file, site.location.line) == (__file__, line_of(EncoderLeftInEval, "# LEFT-IN-EVAL"))
 
@@ -339,6 +340,21 @@ def test_under_modeguard_run_the_callback_leaves_the_automatic_guard_alone():
     finally:
         auto.stop()
     assert [v.code for v in guard.violations] == ["MG101"]  # one finding, not two
+
+
+def test_under_modeguard_run_a_submodule_called_by_training_step_is_found_at_that_line():
+    from modeguard import _auto as auto
+
+    guard = auto.start(on_violation="record")
+    try:
+        fit(LitMLP(submodules=True), [EncoderLeftInEval()], val_every=3)
+    finally:
+        auto.stop()
+    v = only(guard.violations, "MG101")
+    # the backbone, called from training_step, is a model of its own there
+    assert v.model == "LitMLP.backbone" and v.modules == ["1"]
+    assert (v.location.file, v.location.line, v.location.function) == (
+        FRAMEWORKS_FILE, line_of(LitMLP.training_step, "# FORWARD"), "training_step")
 
 
 # ---- the README's sample ----------------------------------------------------------------------

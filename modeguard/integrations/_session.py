@@ -36,8 +36,11 @@ class CallbackSession:
         self._model_name = ""
         self._stopped = False
 
-    def start(self, model, optimizers: Iterable) -> Optional[Guard]:
-        """Watch ``model`` and ``optimizers`` (wrappers welcome) for this training."""
+    def start(self, model, optimizers: Iterable, step_fn=None) -> Optional[Guard]:
+        """Watch ``model`` and ``optimizers`` (wrappers welcome) for this training.
+        ``step_fn``: the user's function that runs the forward (a LightningModule's
+        ``training_step``), named by findings about steps whose model forward never ran
+        because that function called submodules."""
         self.finish(raise_on_fail=False)  # a training that ended without telling us
         self.report, self._stopped = None, False
         opts = [o for o in optimizers if o is not None]
@@ -54,6 +57,9 @@ class CallbackSession:
         self.guard = guard
         st = guard.root_state(model)
         self._model_name = st.name if st is not None else type(model).__name__
+        code = getattr(step_fn, "__code__", None)
+        if st is not None and code is not None:
+            st.called_from = (code, code.co_firstlineno)
         if guard.active:
             guard.fail_on, guard.on_fail = self.fail_on, self._on_fail
         return guard

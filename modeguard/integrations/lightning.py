@@ -70,7 +70,7 @@ class ModeGuardCallback(Callback):
         return self.session.report
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.session.start(pl_module, trainer.optimizers)
+        self.session.start(pl_module, trainer.optimizers, step_fn=getattr(type(pl_module), "training_step", None))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._finish(trainer, raise_on_fail=True)
