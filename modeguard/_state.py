@@ -180,11 +180,18 @@ class GradMark:
     @classmethod
     def over(cls, root, params: list) -> Optional["GradMark"]:
         """A mark over the parameters of ``params`` that require grad, or None if none does."""
+        ends = cls._ends(params)
+        return cls(root, params, *ends) if ends is not None else None
+
+    @classmethod
+    def _ends(cls, params: list):
+        """The first and the last small parameter of ``params`` that require grad (of
+        any size where none is small), or None if none requires grad."""
         live = [p for p in params if p.requires_grad]
         if not live:
             return None
         small = [p for p in live if p.numel() <= cls.SMALL] or live
-        return cls(root, params, small[0], small[-1])
+        return small[0], small[-1]
 
     #: What ``moved()`` returns: a new gradient tensor (a backward made it), a moved
     #: version (a backward, or zero_()/clipping), or neither.
@@ -235,11 +242,10 @@ class GradMark:
         """A parameter read here was frozen since the mark was made, so it tells nothing:
         read two that still require grad. Their gradients have no record yet: one that is
         there may be new (maybe); none there means no backward since the last step."""
-        live = [p for p in self.params if p.requires_grad]
-        if not live:
+        ends = self._ends(self.params)
+        if ends is None:
             return 0  # nothing left to train: no backward can have reached it
-        small = [p for p in live if p.numel() <= self.SMALL] or live
-        self.first, self.last = small[0], small[-1]
+        self.first, self.last = ends
         g, h = self.first.grad, self.last.grad
         self.g_first, self.v_first = g, (g._version if g is not None else -1)
         self.g_last, self.v_last = h, (h._version if h is not None else -1)
