@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import functools
 import sys
-import types
 
 import torch
 
 from ._frames import user_code_line
+from ._tracing import _flags, _tracing, jit_tracing  # noqa: F401  (_auto imports them from here)
 from ._markers import ALLOWED
 from .observe import calls, inputs
 from .observe.graph import ACTIVITY, PLAIN, RELEASED, ForwardRecord, attach, holds_no_graph, output_grad_fns
@@ -39,20 +39,6 @@ from .observe.pickling import mark
 
 #: A countdown that never runs out: no ordinary training forward is followed.
 _NEVER = 1 << 62
-
-#: Is dynamo tracing this code, or is torch compiling or exporting? The hot sites spell
-#: it out as ``_tracing() or _flags._is_compiling_flag``: ``torch.compiler.is_compiling()``
-#: is two Python calls (it asks ``torch.jit.is_scripting()`` first), about 1,000
-#: instructions at every hook call, against 420 for this test (callgrind).
-#: ``is_dynamo_compiling()`` is one call, which dynamo evaluates to a constant True at
-#: trace time, with no guard, so the flag after the ``or`` is never read (or guarded on)
-#: inside a traced graph; outside tracing the flag is what ``is_compiling()`` returns,
-#: True while torch compiles or exports.
-if hasattr(torch.compiler, "is_dynamo_compiling") and hasattr(torch.compiler, "_is_compiling_flag"):
-    _tracing, _flags = torch.compiler.is_dynamo_compiling, torch.compiler
-else:  # older torch: the public function alone
-    _tracing, _flags = torch.compiler.is_compiling, types.SimpleNamespace(_is_compiling_flag=False)
-
 
 def drain_released() -> None:
     """Hand graphs that were freed unused to their rules (called from hooks, never from
@@ -151,6 +137,8 @@ def follow(guard, st, snap, output, act, caller_depth: int) -> None:
     """Tie this forward to its backward, or learn that its graph was freed unused.
     ``caller_depth``: how far up the model's caller is from here."""
     probe = inputs.take(st) if st.probe_session is not None else inputs.UNSEEN if st.compiled else None
+    if jit_tracing():
+        return  # torch.jit.trace running the model: exporting it, not evaluating
     nodes = output_grad_fns(output)
     if not nodes:
         if st.has_trainable and holds_no_graph(output):

@@ -82,6 +82,15 @@ class SharedPatches:
             if self._users == 0:
                 self._patches.restore()
 
+    def add(self, owner: type, name: str, replacement) -> bool:
+        """One more replacement while the set is installed, restored with the rest.
+        Returns False, and replaces nothing, when no user holds the set."""
+        with self._lock:
+            if self._users == 0:
+                return False
+            self._patches.replace(owner, name, replacement)
+            return True
+
     @property
     def users(self) -> int:
         return self._users

@@ -228,6 +228,40 @@ def test_a_compiled_training_step_function_runs_as_unwatched(mode):
     assert all(torch.equal(a, b) for a, b in zip(got[2], base[2]))
 
 
+@pytest.mark.parametrize("how", ["assign", "eval"])
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_mode_changes_inside_compiled_code_compile_as_unwatched(how, fullgraph):
+    # A compiled function that switches a module's mode (`drop.training = False`,
+    # `drop.eval()`) traces modeguard's setter and train(): they stay out of the graph,
+    # with fullgraph=True too, and add no graph break.
+    def run(watch: bool):
+        torch._dynamo.reset()
+        counters.clear()
+        drop = nn.Dropout(0.5)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        backend = CountingBackend()
+        guard = modeguard.watch(model, opt, on_violation="record") if watch else None
+
+        @torch.compile(backend=backend, fullgraph=fullgraph)
+        def switched(x):
+            if how == "assign":
+                drop.training = False
+            else:
+                drop.eval()
+            return drop(x) * 2
+
+        try:
+            out = switched(torch.ones(2, 4))
+        finally:
+            if guard is not None:
+                guard.unwatch()
+        return backend.graphs, sum(counters["graph_break"].values()), out, drop.training
+
+    base, got = run(False), run(True)
+    assert got[:2] == base[:2] and torch.equal(got[2], base[2]) and got[3] is base[3] is False
+
+
 def test_inductor_compiled_evaluation_in_train_mode_is_found():
     # One case through inductor (generated C++ kernels): no_grad evaluations in train
     # mode, the quickest graphs for it to compile (no backward).

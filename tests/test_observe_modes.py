@@ -94,13 +94,13 @@ def test_is_patched_follows_acquire_and_release(epochs):
         assert modes.is_patched()
         assert nn.Module.__dict__["train"] is not train
         assert isinstance(nn.Module.__dict__["training"], modes.TrainingFlag)
-        assert isinstance(torch.jit.RecursiveScriptModule.__dict__["training"], modes.DictTraining)
+        assert isinstance(torch.jit.ScriptModule.__dict__["training"], modes.DictTraining)
     finally:
         modes.PATCHES.release()
     assert not modes.is_patched()
     assert nn.Module.__dict__["train"] is train
     # torch's classes define no `training` of their own (an annotation only): gone again
-    assert "training" not in nn.Module.__dict__ and "training" not in torch.jit.RecursiveScriptModule.__dict__
+    assert "training" not in nn.Module.__dict__ and "training" not in torch.jit.ScriptModule.__dict__
     assert "training" not in torch.jit._trace.TracedModule.__dict__
 
 
@@ -181,22 +181,71 @@ def test_the_flag_stays_a_plain_instance_attribute_while_patched(mode_patches):
         del model.drop.training
 
 
+class Legacy(torch.jit.ScriptModule):
+    """The old TorchScript API: a ScriptModule subclass with a script_method."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    @torch.jit.script_method
+    def forward(self, x):
+        return self.drop(x)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own, on 2.13
-@pytest.mark.parametrize("make", ["script", "trace"])
+@pytest.mark.parametrize("make", ["script", "trace", "legacy"])
 def test_torchscript_modules_read_their_flag_as_without_modeguard(mode_patches, make):
     # TorchScript's module classes delete the Python attribute and serve `training` from
     # the C++ module through __getattr__: a read must still get there.
     def build():
+        if make == "legacy":
+            return Legacy()
         net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
         return torch.jit.script(net) if make == "script" else torch.jit.trace(net.eval(), torch.randn(2, 4))
 
     scripted = build()
     assert "training" not in scripted.__dict__
-    assert scripted.training is (make == "script")
+    assert scripted.training is (make != "trace")
     scripted.eval()
     assert scripted.training is False
     scripted.train()
     assert scripted.training is True
+
+
+class ServedFlag(nn.Module):
+    """A wrapper that deletes its own flag and answers from the module it wraps."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        del self.training
+
+    def __getattr__(self, name):
+        if name == "training":
+            return self.inner.training
+        return super().__getattr__(name)
+
+
+def test_a_class_that_deletes_its_flag_is_served_by_its_getattr_and_restored_after(epochs):
+    inner = nn.Dropout(0.5).eval()
+    modes.PATCHES.acquire()
+    try:
+        wrapper = ServedFlag(inner)  # deletes through modeguard's setter
+        assert wrapper.training is False
+        inner.train()
+        assert wrapper.training is True
+        assert isinstance(ServedFlag.__dict__["training"], modes.DictTraining)
+    finally:
+        modes.PATCHES.release()
+    assert "training" not in ServedFlag.__dict__ and wrapper.training is True
+
+
+def test_a_tensor_assigned_as_the_flag_is_stored_as_without_modeguard(mode_patches):
+    model = MLP()
+    flag = torch.tensor([True, False])
+    model.drop.training = flag  # cannot be compared with the old flag: nothing noted
+    assert model.drop.__dict__["training"] is flag
 
 
 def test_a_train_override_that_keeps_batchnorm_in_eval_is_recorded_as_an_override(mode_patches):

@@ -262,3 +262,19 @@ def test_quiet_for_a_python_number_under_no_grad_or_from_a_frozen_model():
         model.eval()  # a mode change: requires_grad is read again
         model(batch(), labels())  # nothing requires grad: no graph was built
         assert guard.violations == []
+
+
+def test_torch_jit_trace_of_a_watched_model_in_eval_is_not_evaluation():
+    # Tracing runs the forward with grad enabled and keeps no graph: exporting the model,
+    # which the user then runs elsewhere, is not an evaluation that wasted autograd.
+    model = MLP()
+    opt = sgd(model)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        train_step(model, opt)
+        model.eval()
+        traced = torch.jit.trace(model, batch())
+        with torch.no_grad():
+            assert torch.equal(traced(batch(seed=1)), model(batch(seed=1)))
+        model.train()
+        train_step(model, opt)
+    assert guard.violations == []

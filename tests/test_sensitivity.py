@@ -425,3 +425,26 @@ def _drop_bn(module):
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm1d):
             setattr(module, name, nn.Identity())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's own, on 2.13
+def test_a_legacy_torchscript_submodule_is_watched_with_the_rest():
+    # A ScriptModule subclass's forward is a descriptor that raises when read from the
+    # class: its source cannot be read, and watching the model must not fail over it.
+    class Legacy(torch.jit.ScriptModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        @torch.jit.script_method
+        def forward(self, x):
+            return self.lin(x)
+
+    model = nn.Sequential(Legacy(), nn.Dropout(0.5), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with modeguard.watch(model, opt, on_violation="record") as guard:
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+    assert guard.violations == [] and guard.models == []  # watched, then let go

@@ -28,6 +28,7 @@ import wrapt
 
 from .._frames import Location, framework_caller, user_frame, user_location, _is_internal
 from .._patches import Patches, SharedPatches
+from .._tracing import _flags, _tracing
 from . import pickling
 
 #: Bumped on every change of any module's ``training`` flag (and on frozen() marks).
@@ -126,6 +127,11 @@ def _patched_train(original):
     call's argument packing and binding cost several thousand instructions each."""
 
     def train(self, mode=True):
+        if _tracing() or _flags._is_compiling_flag:
+            # eval()/train() inside code dynamo traces (fullgraph too): torch's own, with
+            # no thread-local state in the graph. The flags it sets are stored again when
+            # the compiled code runs, through the setter.
+            return original(self, mode)
         try:
             stack = _local.stack
         except AttributeError:
@@ -229,16 +235,18 @@ class TrainingFlag:
     def __set__(self, module, value):
         d = module.__dict__
         old = d.get("training")
-        # `old is None` is construction (Module.__init__): not a mode change.
-        if old is not None and old != value:
-            try:
+        try:
+            # `old is None` is construction (Module.__init__): not a mode change. Inside
+            # code dynamo traces nothing is noted (no hooks or thread-locals in a graph):
+            # the compiled code stores the flag again, through here, when it runs.
+            if old is not None and old != value and not (_tracing() or _flags._is_compiling_flag):
                 _note_training(module, value)
-            except Exception:
-                # Never break the user's eval()/train() over bookkeeping. (A module
-                # class with __eq__ and no __hash__ cannot key the weak site table:
-                # its mode change still counts, the epoch moved first, but its site
-                # is lost.)
-                pass
+        except Exception:
+            # Never break the user's eval()/train() over bookkeeping. (A module class
+            # with __eq__ and no __hash__ cannot key the weak site table: its mode
+            # change still counts, the epoch moved first, but its site is lost. A
+            # tensor assigned as the flag cannot be compared.)
+            pass
         d["training"] = value
 
     def __delete__(self, module):
@@ -246,6 +254,9 @@ class TrainingFlag:
             del module.__dict__["training"]
         except KeyError:
             raise AttributeError("training") from None
+        # A class that deletes the flag serves it some other way (from ``__getattr__``,
+        # as TorchScript's do): from now on its reads go through ``DictTraining``.
+        _serve_from_getattr(type(module))
 
 
 class DictTraining(TrainingFlag):
@@ -320,18 +331,35 @@ def _compiled_in_place(module):
 
 
 def _classes_serving_training() -> list:
-    """TorchScript's module classes, which delete ``training`` (see ``DictTraining``)."""
+    """TorchScript's module classes, which delete ``training`` (see ``DictTraining``):
+    ``ScriptModule`` (the base of scripted modules and of the legacy subclasses with
+    ``@torch.jit.script_method``) and ``TracedModule``. Their instances made before
+    modeguard was installed have no flag to delete any more, so these are named here."""
     found = []
     try:
         import torch.jit._script as script
         import torch.jit._trace as trace
     except Exception:  # a torch without them: nothing to shadow
         return found
-    for owner, name in ((script, "RecursiveScriptModule"), (trace, "TracedModule")):
+    for owner, name in ((script, "ScriptModule"), (trace, "TracedModule")):
         cls = getattr(owner, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module) and "training" not in cls.__dict__:
             found.append(cls)
     return found
+
+
+def _serve_from_getattr(cls: type) -> None:
+    """Give ``cls`` a ``DictTraining`` unless it, or a base below ``nn.Module``, has one."""
+    for base in cls.__mro__:
+        held = base.__dict__.get("training")
+        if held is not None:
+            if isinstance(held, DictTraining) or not isinstance(held, TrainingFlag):
+                return  # served already, or the class defines its own `training`
+            break
+    try:
+        PATCHES.add(cls, "training", DictTraining())
+    except Exception:  # a class that refuses attributes: its reads stay as they are
+        pass
 
 
 def _install(patches: Patches) -> None:

@@ -90,7 +90,8 @@ def _forward_reads_training(cls: type) -> bool:
     hit = _reads_training_cache.get(cls)
     if hit is None:
         hit = False
-        fn = cls.forward
+        # (A legacy TorchScript module's forward is a descriptor that raises on the class.)
+        fn = getattr(cls, "forward", None)
         for _ in range(8):  # a decorator chain; a cycle ends here
             code = getattr(fn, "__code__", None)
             if code is not None and _code_reads_training(code) and not _reads_training_only_to_checkpoint(fn):
