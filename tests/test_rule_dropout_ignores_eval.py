@@ -553,3 +553,29 @@ def test_the_call_site_reader_sees_what_was_written():
                  2, 3) == (3, frozenset(), False)
     assert probe(*[1, 2]).unpacks and probe(**{"training": True}).unpacks
     exec("probe(1, 2)", {"probe": probe})  # no source to read: None, and no error
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_model_on_torchs_transformer_fast_path_gives_the_same_bits_when_watched(grad):
+    # nn.TransformerEncoder in eval takes a native fast path, which any torch function
+    # mode (MG202's sample) turns off: other kernels, other last bits. Such a forward is
+    # not sampled; with autograd on and trainable parameters there is no fast path, and
+    # the sample goes ahead.
+    def outputs(watch: bool):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.1, batch_first=True)
+        model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        guard = modeguard.watch(model, opt, on_violation="record") if watch else None
+        try:
+            model.eval()
+            with torch.set_grad_enabled(grad):
+                return [model(x).detach() for _ in range(2)], guard.violations if guard else []
+        finally:
+            if guard is not None:
+                guard.unwatch()
+
+    (plain, _), (watched, found) = outputs(False), outputs(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched))
+    assert [v.code for v in found] == (["MG401"] if grad else [])  # (evaluation outside no_grad)

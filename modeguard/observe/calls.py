@@ -61,9 +61,25 @@ def sample_due(st) -> bool:
     return n <= guard.eval_sample_first or n % guard.eval_sample_every == 0
 
 
+#: torch's modules with a native inference fast path that any torch function mode turns
+#: off: the forward would run other kernels and give other last bits.
+_FAST_PATH = (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer, torch.nn.MultiheadAttention)
+
+
+def _may_take_a_fast_path(module) -> bool:
+    """Could this forward of ``module`` run one of torch's fast paths? They need autograd
+    off, or no parameter that requires grad (slow path: once per sampled forward)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return False
+    return any(isinstance(m, _FAST_PATH) for m in module.modules())
+
+
 def begin(st, module) -> None:
-    """Push the call watch for this forward of ``module`` (the watched model ``st``)."""
+    """Push the call watch for this forward of ``module`` (the watched model ``st``). Not
+    where the mode could change the forward's numerics (``_may_take_a_fast_path``)."""
     if _compiling() or torch._C._get_tracing_state() or not sample_due(st) or _compiled(module):
+        return
+    if _may_take_a_fast_path(module):
         return
     old = st.call_watch
     if old is not None:
